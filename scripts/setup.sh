@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Prepares a Debian 12 x86_64 host to build, run and test skiff:
+#   1. installs the Debian packages the guest kernel, the test images and the
+#      tests need (only what is missing; needs root),
+#   2. builds the guest kernel and the test initramfs (cached by content, so a
+#      second run takes seconds),
+#   3. builds skiff itself (release).
+# Prints `export` lines for the artifacts' paths on stdout, so
+#   eval "$(scripts/setup.sh)"
+# leaves SKIFF_KERNEL and SKIFF_INITRD set. Progress goes to stderr.
+set -euo pipefail
+
+exec 3>&1 1>&2
+repo_root=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)
+cd "$repo_root"
+
+log() { printf '[setup %4ds] %s\n' "$SECONDS" "$*"; }
+die() { printf 'setup: error: %s\n' "$*"; exit 1; }
+
+packages=(
+	# guest kernel build (scripts/build-kernel.sh)
+	linux-source-6.1 build-essential bc flex bison libelf-dev libssl-dev xz-utils patch
+	# test initramfs and images (rootfs/)
+	busybox-static cpio gzip e2fsprogs
+)
+
+missing=()
+for p in "${packages[@]}"; do
+	status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+	[[ $status == "install ok installed" ]] || missing+=("$p")
+done
+if ((${#missing[@]})); then
+	[[ $(id -u) -eq 0 ]] || die "missing packages ${missing[*]}: run as root, or install them with apt-get"
+	log "installing ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+[[ -e /dev/kvm ]] || die "/dev/kvm does not exist: skiff needs a host with KVM"
+
+for component in cargo clippy-driver rustfmt; do
+	command -v "$component" >/dev/null 2>&1 || {
+		log "adding the Rust component for $component"
+		rustup component add "${component%-driver}" || die "cannot install the Rust component $component"
+	}
+done
+
+log "guest kernel"
+kernel=$(scripts/build-kernel.sh)
+log "test initramfs"
+initrd=$(rootfs/build-test-initramfs.sh)
+log "building skiff"
+cargo build --release --locked --quiet
+log "ready: kernel $kernel, initramfs $initrd"
+
+printf 'export SKIFF_KERNEL=%q\nexport SKIFF_INITRD=%q\n' "$kernel" "$initrd" >&3

@@ -1,0 +1,409 @@
+//! The virtual machine monitor: a config goes in, a running VM comes out.
+//!
+//! ```text
+//! Vm::create(config)  → KVM VM, guest RAM, kernel loaded, vCPUs in their boot state
+//!   .start()          → one thread per vCPU
+//!   .wait()           → how the guest ended
+//! ```
+
+pub mod config;
+pub mod cpuid;
+pub mod devices;
+pub mod emulation;
+pub mod error;
+pub mod host;
+pub mod layout;
+pub mod memory;
+pub mod vcpu;
+pub mod x86_64;
+
+use std::ffi::CString;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use kvm_bindings::{
+    kvm_mp_state, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+pub use config::{BootSource, ConsoleOutput, MemorySize, VmConfig};
+pub use cpuid::CpuProfile;
+pub use error::{Error, Result};
+
+use devices::pio::COM1_IRQ;
+use devices::triggers::IrqLine;
+use devices::PioBus;
+use memory::GuestMemoryHost;
+use vcpu::{Vcpu, VcpuEnd};
+use x86_64::{linux, mptable, regs};
+
+/// Where KVM puts the three pages of the real-mode TSS it needs on Intel;
+/// just below the BIOS area at the top of the 32-bit space, inside the MMIO gap.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// vCPU threads run a shallow loop; a small stack keeps the VMM's footprint down.
+const VCPU_STACK_SIZE: usize = 256 << 10;
+
+/// How the guest ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest asked for a reset or power-off (Linux's `reboot`).
+    GuestReset,
+    /// A vCPU triple-faulted: the guest crashed.
+    TripleFault,
+    /// The guest kernel panicked and said so through the pvpanic port.
+    GuestPanic,
+    /// The host stopped it.
+    Stopped,
+}
+
+/// A VM whose vCPUs are ready to run.
+pub struct Vm {
+    vcpus: Vec<Vcpu>,
+    bus: Arc<PioBus>,
+    profile: CpuProfile,
+    // Drop order matters: the VM fd goes before the memory it maps.
+    _vm_fd: VmFd,
+    memory: GuestMemoryHost,
+    _kvm: Kvm,
+}
+
+impl Vm {
+    /// Builds the VM. On error, everything created so far is released: no fd,
+    /// mapping or file is left behind.
+    pub fn create(config: VmConfig) -> Result<Vm> {
+        let kvm = open_kvm(&config.kvm_device)?;
+        config.validate(kvm.get_max_vcpus(), host::total_memory())?;
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::KvmUnavailable(format!("this host's KVM lacks {name}")));
+            }
+        }
+        let profile = config
+            .cpu_profile
+            .unwrap_or_else(|| CpuProfile::for_backend(host::detect_backend()));
+        tracing::debug!(%profile, vcpus = config.vcpus, memory = %config.memory, "creating VM");
+
+        let vm_fd = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        // Before the irqchip: once it exists, every memslot change waits for
+        // KVM's SRCU readers, which costs milliseconds here instead of microseconds.
+        let mem_size = config.memory.0;
+        let memory = memory::allocate(mem_size)?;
+        memory::register(&vm_fd, &memory)?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        vm_fd
+            .create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
+
+        let cr3 = regs::write_boot_structures(&memory)?;
+        mptable::write(&memory, config.vcpus).map_err(|e| Error::BootSetup(e.to_string()))?;
+        let (entry, arg, all_vcpus_start) = match &config.boot {
+            BootSource::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                let cmdline = compose_cmdline(cmdline, profile);
+                tracing::debug!(%cmdline, "kernel command line");
+                let e = linux::load(&memory, mem_size, kernel, initrd.as_deref(), &cmdline)?;
+                (e.entry, e.zero_page, false)
+            }
+            BootSource::Code { code, load_addr } => {
+                memory
+                    .write_slice(code, GuestAddress(*load_addr))
+                    .map_err(|e| Error::Memory(format!("writing the code: {e}")))?;
+                (*load_addr, 0, true)
+            }
+        };
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let mut fds = Vec::with_capacity(usize::from(config.vcpus));
+        for index in 0..config.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(index))
+                .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+            fd.set_cpuid2(&cpuid::for_vcpu(&supported, profile, index, config.vcpus))
+                .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+            regs::set_boot_msrs(&fd)?;
+            fd.set_fpu(&regs::initial_fpu())
+                .map_err(|e| Error::Kvm("KVM_SET_FPU", e))?;
+            let lapic = fd.get_lapic().map_err(|e| Error::Kvm("KVM_GET_LAPIC", e))?;
+            fd.set_lapic(&regs::configure_lint(lapic))
+                .map_err(|e| Error::Kvm("KVM_SET_LAPIC", e))?;
+            // Linux brings up the other vCPUs itself with INIT/SIPI; only the
+            // boot vCPU starts in the entry state.
+            if index == 0 || all_vcpus_start {
+                enter_long_mode(&fd, cr3, entry, arg, index)?;
+            }
+            if index != 0 && all_vcpus_start {
+                fd.set_mp_state(kvm_mp_state {
+                    mp_state: KVM_MP_STATE_RUNNABLE,
+                })
+                .map_err(|e| Error::Kvm("KVM_SET_MP_STATE", e))?;
+            }
+            fds.push(fd);
+        }
+
+        let serial_evt =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Memory(format!("eventfd: {e}")))?;
+        vm_fd
+            .register_irqfd(&serial_evt, COM1_IRQ)
+            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        // Last, so a VM that fails to build leaves no console file behind.
+        let console = devices::console::open(config.console)?;
+        let bus = Arc::new(PioBus::new(IrqLine(serial_evt), console));
+        let vcpus = fds
+            .into_iter()
+            .enumerate()
+            .map(|(i, fd)| Vcpu::new(i as u8, fd, bus.clone(), memory.clone()))
+            .collect();
+        Ok(Vm {
+            vcpus,
+            bus,
+            profile,
+            _vm_fd: vm_fd,
+            memory,
+            _kvm: kvm,
+        })
+    }
+
+    pub fn cpu_profile(&self) -> CpuProfile {
+        self.profile
+    }
+
+    pub fn memory(&self) -> &GuestMemoryHost {
+        &self.memory
+    }
+
+    /// Starts one thread per vCPU.
+    pub fn start(mut self) -> Result<RunningVm> {
+        vcpu::install_kick_handler().map_err(|source| Error::Thread { index: 0, source })?;
+        let (events, receiver) = channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let vcpus = std::mem::take(&mut self.vcpus);
+        let mut running = RunningVm {
+            threads: Vec::with_capacity(vcpus.len()),
+            stop,
+            events,
+            receiver,
+            started: Instant::now(),
+            vm: self,
+        };
+        for vcpu in vcpus {
+            let index = vcpu.index;
+            let stop = running.stop.clone();
+            let events = running.events.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .stack_size(VCPU_STACK_SIZE)
+                .spawn(move || {
+                    let end = vcpu.run(&stop);
+                    let _ = events.send(Event::Vcpu(index, end));
+                });
+            match spawned {
+                Ok(handle) => running.threads.push(handle),
+                // Dropping `running` stops and joins the threads already started.
+                Err(source) => return Err(Error::Thread { index, source }),
+            }
+        }
+        Ok(running)
+    }
+}
+
+fn open_kvm(path: &Path) -> Result<Kvm> {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::KvmUnavailable(format!("invalid KVM device path {}", path.display())))?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(|e| {
+        let path = path.display();
+        Error::KvmUnavailable(match e.errno() {
+            libc::ENOENT => {
+                format!("{path} does not exist: this host has no KVM (is the kvm module loaded?)")
+            }
+            libc::EACCES | libc::EPERM => {
+                format!("permission denied opening {path}: run as root or join the group that owns it")
+            }
+            _ => format!("cannot open {path}: {e}"),
+        })
+    })?;
+    // The only stable KVM API version there has ever been; anything else is
+    // not KVM (e.g. a wrong device node).
+    const KVM_API_VERSION: i32 = 12;
+    if kvm.get_api_version() != KVM_API_VERSION {
+        return Err(Error::KvmUnavailable(format!(
+            "{} is not a KVM device",
+            path.display()
+        )));
+    }
+    Ok(kvm)
+}
+
+/// The caller's command line plus what the CPU profile needs. An argument the
+/// caller already gave (same key before `=`) is the caller's to decide.
+pub fn compose_cmdline(base: &str, profile: CpuProfile) -> String {
+    let key = |arg: &str| arg.split('=').next().unwrap_or(arg).to_owned();
+    let mut parts: Vec<&str> = base.split_whitespace().collect();
+    let given: Vec<String> = parts.iter().map(|p| key(p)).collect();
+    for arg in profile.kernel_args() {
+        if !given.contains(&key(arg)) {
+            parts.push(arg);
+        }
+    }
+    parts.join(" ")
+}
+
+fn enter_long_mode(fd: &VcpuFd, cr3: u64, entry: u64, arg: u64, index: u8) -> Result<()> {
+    let sregs = fd.get_sregs().map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
+    fd.set_sregs(&regs::long_mode_sregs(sregs, cr3))
+        .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
+    let mut r = regs::entry_regs(entry, arg);
+    r.rdi = u64::from(index);
+    fd.set_regs(&r).map_err(|e| Error::Kvm("KVM_SET_REGS", e))
+}
+
+enum Event {
+    Vcpu(u8, VcpuEnd),
+    StopRequested,
+}
+
+/// Asks a running VM to stop, from any thread.
+#[derive(Clone)]
+pub struct StopHandle(Sender<Event>);
+
+impl StopHandle {
+    pub fn stop(&self) {
+        let _ = self.0.send(Event::StopRequested);
+    }
+}
+
+/// A VM whose vCPU threads are running. Dropping it stops and joins them.
+pub struct RunningVm {
+    threads: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    events: Sender<Event>,
+    receiver: Receiver<Event>,
+    started: Instant,
+    // Last: the threads must be joined before the VM they run goes away.
+    vm: Vm,
+}
+
+impl RunningVm {
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.events.clone())
+    }
+
+    pub fn memory(&self) -> &GuestMemoryHost {
+        &self.vm.memory
+    }
+
+    /// Blocks until the guest ends, a vCPU fails, or a stop is requested; then
+    /// stops every vCPU and returns how it ended.
+    pub fn wait(mut self) -> Result<VmExit> {
+        // `self` holds a sender, so this only returns with an event.
+        let event = self.receiver.recv().unwrap_or(Event::StopRequested);
+        // Measured while the guest's memory is still mapped.
+        let rss = memory::process_rss().unwrap_or(0);
+        let guest = memory::resident_bytes(&self.vm.memory);
+        tracing::info!(
+            process_rss_kib = rss >> 10,
+            guest_resident_kib = guest >> 10,
+            vmm_overhead_kib = rss.saturating_sub(guest) >> 10,
+            "memory at VM end"
+        );
+        self.shutdown();
+        let elapsed = self.started.elapsed();
+        let outcome = match event {
+            Event::StopRequested => Ok(VmExit::Stopped),
+            Event::Vcpu(index, end) => {
+                tracing::debug!(vcpu = index, ?end, "first vCPU to stop");
+                match end {
+                    VcpuEnd::GuestReset => Ok(VmExit::GuestReset),
+                    VcpuEnd::TripleFault => Ok(VmExit::TripleFault),
+                    VcpuEnd::GuestPanic => Ok(VmExit::GuestPanic),
+                    VcpuEnd::Stopped => Ok(VmExit::Stopped),
+                    VcpuEnd::Failed(e) => Err(e),
+                }
+            }
+        };
+        tracing::info!(elapsed_ms = elapsed.as_millis() as u64, ?outcome, "VM ended");
+        outcome
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in &self.threads {
+            // A thread that already returned has nothing to interrupt.
+            let _ = t.kill(vcpu::kick_signal());
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.vm.bus.flush_console();
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn baseline_adds_its_kernel_args_once() {
+        let clear = CpuProfile::Baseline.kernel_args()[1];
+        assert!(clear.starts_with("clearcpuid=") && clear.contains("popcnt"));
+        assert_eq!(
+            compose_cmdline("console=ttyS0", CpuProfile::Baseline),
+            format!("console=ttyS0 noxsave {clear}")
+        );
+        assert_eq!(
+            compose_cmdline("noxsave  quiet", CpuProfile::Baseline),
+            format!("noxsave quiet {clear}")
+        );
+        assert_eq!(
+            compose_cmdline("console=ttyS0", CpuProfile::Host),
+            "console=ttyS0"
+        );
+    }
+
+    #[test]
+    fn the_callers_clearcpuid_wins() {
+        assert_eq!(
+            compose_cmdline("clearcpuid=avx", CpuProfile::Baseline),
+            "clearcpuid=avx noxsave"
+        );
+    }
+
+    #[test]
+    fn clearcpuid_fits_linux_6_1_parse_buffer() {
+        // cpu_parse_early_param() copies the value into a 128-byte buffer.
+        for arg in CpuProfile::Baseline.kernel_args() {
+            assert!(arg.len() < 128, "{arg}");
+        }
+    }
+}
