@@ -232,3 +232,40 @@ fn failed_boot_leaves_no_console_file() {
     assert!(!out.status.success());
     assert!(!console.exists());
 }
+
+#[test]
+fn sigterm_stops_a_running_guest_cleanly() {
+    let f = Fixture::new();
+    // A kernel that never ends: it parks after printing.
+    let mut code = fake_kernel::entry_code();
+    let park = code.len() - 4;
+    code.truncate(park - 4); // drop the i8042 reset
+    code.extend([0xfa, 0xf4, 0xeb, 0xfd]);
+    let mut elf = fake_kernel::elf_vmlinux();
+    let start = elf.len() - fake_kernel::entry_code().len();
+    elf.truncate(start);
+    elf.extend(&code);
+    let len = (code.len() as u64).to_le_bytes();
+    // p_filesz and p_memsz of the one program header.
+    elf[64 + 32..64 + 40].copy_from_slice(&len);
+    elf[64 + 40..64 + 48].copy_from_slice(&len);
+    fake_kernel::write(&f.path("parked"), &elf);
+
+    let console = f.path("console.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_skiff"))
+        .args(["boot", "--cpu-profile", "host", "--cmdline", "up", "--kernel"])
+        .arg(f.path("parked"))
+        .arg("--console")
+        .arg(&console)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_to_string(&console).unwrap_or_default() != "up" {
+        assert!(std::time::Instant::now() < deadline, "guest never printed");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // SAFETY: plain kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+}

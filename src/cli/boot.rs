@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::{Args, ValueEnum};
 
+use super::signals::StopOnSignal;
 use crate::vmm::{self, BootSource, ConsoleOutput, CpuProfile, MemorySize, Vm, VmConfig, VmExit};
 
 /// The microVM defaults: serial console, keyboard-controller reboot so a
@@ -68,13 +69,16 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
     };
     config.kvm_device = args.kvm_device;
 
+    let signals = StopOnSignal::block()?;
     let vm = Vm::create(config)?;
     tracing::info!(profile = %vm.cpu_profile(), "booting");
     let running = vm.start()?;
+    let received = signals.watch(running.stop_handle());
     match running.wait()? {
         VmExit::GuestReset => Ok(0),
         VmExit::TripleFault => bail!("the guest crashed: a vCPU triple-faulted"),
         VmExit::GuestPanic => bail!("the guest kernel panicked (its console says why)"),
-        VmExit::Stopped => Ok(130),
+        // As a shell reports a command killed by a signal.
+        VmExit::Stopped => Ok(128 + received.try_recv().unwrap_or(libc::SIGTERM)),
     }
 }

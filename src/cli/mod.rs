@@ -1,6 +1,7 @@
 //! The `skiff` command line.
 
 mod boot;
+mod signals;
 
 use std::path::PathBuf;
 

@@ -107,6 +107,10 @@ mod bits {
         (1 << 1) | (1 << 6) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 14);
     // Leaf 0x8000_0008 EBX
     pub const XSAVEERPTR: u32 = 1 << 2;
+    // Leaf 0x4000_0001 EAX: paravirtual features whose use is a hypercall.
+    pub const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
+    pub const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+    pub const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
 }
 
 const LEAF_FEATURES: u32 = 0x1;
@@ -119,6 +123,7 @@ const LEAF_XSAVE: u32 = 0xd;
 const LEAF_V2_TOPOLOGY: u32 = 0x1f;
 const LEAF_AMD_ADDR_SIZES: u32 = 0x8000_0008;
 const LEAF_AMD_EXT_APIC: u32 = 0x8000_001e;
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
 
 /// Leaf 0xB / 0x1F level types.
 const LEVEL_SMT: u32 = 1;
@@ -236,6 +241,13 @@ fn restrict_to_baseline(e: &mut kvm_cpuid_entry2) {
             e.ecx = 0;
             e.edx = 0;
         }
+        (LEAF_KVM_FEATURES, _) => {
+            // A software KVM may never return from a guest's hypercall, so the
+            // guest must not send IPIs, kick halted spinners or yield through one.
+            e.eax &= !(bits::KVM_FEATURE_PV_SEND_IPI
+                | bits::KVM_FEATURE_PV_UNHALT
+                | bits::KVM_FEATURE_PV_SCHED_YIELD);
+        }
         (LEAF_AMD_ADDR_SIZES, _) => {
             // Tells Linux that FXSAVE does not leak FPU pointers, so it skips
             // the x87 workaround sequence (fnclex/emms/fild) the emulator lacks.
@@ -280,6 +292,7 @@ mod tests {
             entry(LEAF_XSAVE, 0, [0x2e7, 0x980, 0x980, 0]),
             entry(LEAF_AMD_ADDR_SIZES, 0, [0x3030, 0x0100_d000, 0x1, 0]),
             entry(LEAF_AMD_EXT_APIC, 0, [9, 0x100, 0, 0]),
+            entry(LEAF_KVM_FEATURES, 0, [0x0100_7efb, 0, 0, 0]),
         ])
         .unwrap()
     }
@@ -329,6 +342,10 @@ mod tests {
         assert_ne!(find(&c, LEAF_FEATURES, 0).ecx & bits::XSAVE, 0);
         assert_ne!(find(&c, LEAF_EXT_FEATURES, 0).ebx & bits::SMAP, 0);
         assert_ne!(find(&c, LEAF_XSAVE, 0).eax, 0);
+        assert_ne!(
+            find(&c, LEAF_KVM_FEATURES, 0).eax & bits::KVM_FEATURE_PV_SEND_IPI,
+            0
+        );
     }
 
     #[test]
@@ -344,6 +361,11 @@ mod tests {
         }
         assert_eq!(find(&c, LEAF_XSAVE, 0).eax, 0);
         assert_ne!(find(&c, LEAF_AMD_ADDR_SIZES, 0).ebx & bits::XSAVEERPTR, 0);
+        let kvm = find(&c, LEAF_KVM_FEATURES, 0).eax;
+        assert_eq!(kvm & bits::KVM_FEATURE_PV_SEND_IPI, 0);
+        assert_eq!(kvm & bits::KVM_FEATURE_PV_UNHALT, 0);
+        // kvm-clock and the rest stay.
+        assert_ne!(kvm & 1, 0);
         // Topology normalization still applies.
         assert_eq!((l1.ebx >> 16) & 0xff, 2);
     }

@@ -94,7 +94,15 @@ impl Vcpu {
         IMMEDIATE_EXIT.with(|p| p.set(immediate_exit.cast::<AtomicU8>().cast_const()));
         let end = self.run_loop(stop);
         IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null()));
-        tracing::debug!(vcpu = self.index, assists = self.assists, ?end, "vCPU stopped");
+        // Where a guest was when it was stopped is the first clue to a hang.
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        tracing::debug!(
+            vcpu = self.index,
+            assists = self.assists,
+            rip = format_args!("{rip:#x}"),
+            ?end,
+            "vCPU stopped"
+        );
         end
     }
 
