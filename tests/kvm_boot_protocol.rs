@@ -37,7 +37,10 @@ fn elf_vmlinux_gets_command_line_and_initrd() {
         CpuProfile::Host,
     );
     assert_eq!(exit, VmExit::GuestReset);
-    assert_eq!(out, "console=ttyS0 skiff.test=1INITRD-CONTENTS");
+    assert_eq!(
+        out,
+        "console=ttyS0 skiff.test=1 pvpanic_port=0x505INITRD-CONTENTS"
+    );
 }
 
 #[test]
@@ -49,7 +52,7 @@ fn bzimage_is_entered_at_its_64_bit_entry() {
         CpuProfile::Host,
     );
     assert_eq!(exit, VmExit::GuestReset);
-    assert_eq!(out, "root=/dev/vdaBZ-INITRD");
+    assert_eq!(out, "root=/dev/vda pvpanic_port=0x505BZ-INITRD");
 }
 
 #[test]
@@ -57,6 +60,9 @@ fn baseline_profile_adds_its_kernel_arguments() {
     let (_, out) = boot(&fake_kernel::elf_vmlinux(), None, "quiet", CpuProfile::Baseline);
     assert_eq!(
         out,
-        format!("quiet {}", CpuProfile::Baseline.kernel_args().join(" "))
+        format!(
+            "quiet pvpanic_port=0x505 {}",
+            CpuProfile::Baseline.kernel_args().join(" ")
+        )
     );
 }

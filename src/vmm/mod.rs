@@ -259,14 +259,23 @@ fn open_kvm(path: &Path) -> Result<Kvm> {
     Ok(kvm)
 }
 
-/// The caller's command line plus what the CPU profile needs. An argument the
-/// caller already gave (same key before `=`) is the caller's to decide.
+/// Devices the kernel cannot discover, announced on its command line.
+pub fn device_args() -> Vec<String> {
+    vec![format!("pvpanic_port={:#x}", devices::pio::PVPANIC_PORT)]
+}
+
+/// The caller's command line plus the device announcements and what the CPU
+/// profile needs. An argument the caller already gave (same key before `=`)
+/// is the caller's to decide.
 pub fn compose_cmdline(base: &str, profile: CpuProfile) -> String {
     let key = |arg: &str| arg.split('=').next().unwrap_or(arg).to_owned();
-    let mut parts: Vec<&str> = base.split_whitespace().collect();
+    let mut parts: Vec<String> = base.split_whitespace().map(str::to_owned).collect();
     let given: Vec<String> = parts.iter().map(|p| key(p)).collect();
-    for arg in profile.kernel_args() {
-        if !given.contains(&key(arg)) {
+    let ours = device_args()
+        .into_iter()
+        .chain(profile.kernel_args().iter().map(|a| a.to_string()));
+    for arg in ours {
+        if !given.contains(&key(&arg)) {
             parts.push(arg);
         }
     }
@@ -374,28 +383,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn baseline_adds_its_kernel_args_once() {
+    fn devices_and_profile_args_are_added_once() {
         let clear = CpuProfile::Baseline.kernel_args()[1];
         assert!(clear.starts_with("clearcpuid=") && clear.contains("popcnt"));
         assert_eq!(
             compose_cmdline("console=ttyS0", CpuProfile::Baseline),
-            format!("console=ttyS0 noxsave {clear}")
+            format!("console=ttyS0 pvpanic_port=0x505 noxsave {clear}")
         );
         assert_eq!(
             compose_cmdline("noxsave  quiet", CpuProfile::Baseline),
-            format!("noxsave quiet {clear}")
+            format!("noxsave quiet pvpanic_port=0x505 {clear}")
         );
         assert_eq!(
             compose_cmdline("console=ttyS0", CpuProfile::Host),
-            "console=ttyS0"
+            "console=ttyS0 pvpanic_port=0x505"
         );
     }
 
     #[test]
-    fn the_callers_clearcpuid_wins() {
+    fn the_callers_arguments_win() {
         assert_eq!(
-            compose_cmdline("clearcpuid=avx", CpuProfile::Baseline),
-            "clearcpuid=avx noxsave"
+            compose_cmdline("clearcpuid=avx pvpanic_port=0", CpuProfile::Baseline),
+            "clearcpuid=avx pvpanic_port=0 noxsave"
         );
     }
 
