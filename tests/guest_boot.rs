@@ -123,3 +123,21 @@ fn kernel_boots_to_init_on_two_vcpus_and_powers_off() {
         b.lines.last().map(|(t, _)| *t)
     );
 }
+
+#[test]
+fn kernel_panic_is_reported_as_a_failure() {
+    // No such init: the kernel panics right after unpacking the initramfs,
+    // and with panic=1 would then reboot exactly like a clean exit.
+    let b = boot(&[
+        "--cmdline",
+        "console=ttyS0 reboot=k panic=1 8250.nr_uarts=1 rdinit=/no-such-init",
+    ]);
+    let console = b
+        .lines
+        .iter()
+        .map(|(_, l)| l.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(b.has("Kernel panic"), "no panic on the console:\n{console}");
+    assert_eq!(b.status.code(), Some(1), "console:\n{console}");
+}

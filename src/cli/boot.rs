@@ -9,10 +9,11 @@ use super::signals::StopOnSignal;
 use crate::vmm::{self, BootSource, ConsoleOutput, CpuProfile, MemorySize, Vm, VmConfig, VmExit};
 
 /// The microVM defaults: serial console, keyboard-controller reboot so a
-/// guest `reboot` ends the VM, no PCI to probe, and no speculative-execution
+/// guest `reboot` ends the VM, one UART to probe, and no speculative-execution
 /// mitigations inside a guest that is already isolated by the hypervisor.
-pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 pci=off nomodule 8250.nr_uarts=1 nopti mitigations=off";
+/// Parameters the guest kernel does not know would be handed to its init as
+/// arguments, so there are none for features the skiff kernel leaves out.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 8250.nr_uarts=1 mitigations=off";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ProfileChoice {

@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# Build the initramfs the VMM tests boot: a static busybox and an /init that
+# prints a few marker lines on the console and ends the VM. Prints the path
+# of the newc cpio on stdout; everything else goes to stderr.
+#
+# Needs these Debian packages, which this script does not install:
+#   busybox-static cpio gzip
+#
+# Result: ${SKIFF_CACHE:-$HOME/.cache/skiff}/initramfs/<sha256>/initramfs.cpio,
+# where the hash covers this script (and so the /init in it), the
+# busybox-static version and the compression.
+#
+# Environment:
+#   SKIFF_CACHE                    cache root (default: $HOME/.cache/skiff)
+#   SKIFF_INITRAMFS_COMPRESSION    none (default) or gzip (the result is
+#       then initramfs.cpio.gz). Uncompressed by default: where the guest
+#       kernel runs under ring-0 emulation, inflating the ~1 MB gzip archive
+#       is most of the boot (about 40 s of it), while 2 MB are only copied;
+#       on hardware KVM either is a few milliseconds.
+#
+# What /init prints, one line each, for tests to match:
+#   skiff-guest: hello from the microVM
+#   skiff-guest: kernel=<uname -r>
+#   skiff-guest: cpus=<processors in /proc/cpuinfo>
+set -euo pipefail
+
+# stdout is reserved for the result path; callers parse it.
+exec 3>&1 1>&2
+
+log() { printf '[build-test-initramfs %3ds] %s\n' "$SECONDS" "$*"; }
+die() { printf 'build-test-initramfs: error: %s\n' "$*"; exit 1; }
+
+script_path=$(readlink -f "${BASH_SOURCE[0]}")
+busybox=/bin/busybox
+
+for tool in cpio gzip find sort sha256sum dpkg-query flock mktemp readlink touch; do
+	command -v "$tool" >/dev/null 2>&1 ||
+		die "required tool '$tool' not found (see the package list at the top of $script_path)"
+done
+# The guest has no libc to offer, so only the static build will do; the
+# plain "busybox" package installs a dynamic binary at the same path.
+bb_version=$(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null) ||
+	die "package busybox-static is not installed"
+[[ -n $bb_version ]] || die "package busybox-static is not installed"
+[[ -x $busybox ]] || die "$busybox not found (busybox-static $bb_version)"
+
+compression=${SKIFF_INITRAMFS_COMPRESSION:-none}
+case $compression in
+	gzip) archive=initramfs.cpio.gz ;;
+	none) archive=initramfs.cpio ;;
+	*) die "SKIFF_INITRAMFS_COMPRESSION must be none or gzip, not '$compression'" ;;
+esac
+
+hash=$(
+	{
+		printf 'compression %s\n' "$compression"
+		printf 'busybox-static %s\n' "$bb_version"
+		printf 'script\n'; sha256sum <"$script_path"
+	} | sha256sum | cut -d' ' -f1
+)
+
+cache_root=${SKIFF_CACHE:-$HOME/.cache/skiff}
+cache=$cache_root/initramfs
+entry=$cache/$hash
+result=$entry/$archive
+
+if [[ -f $result ]]; then
+	log "cached: $result"
+	printf '%s\n' "$result" >&3
+	exit 0
+fi
+
+mkdir -p "$cache"
+cache=$(cd "$cache" && pwd)
+entry=$cache/$hash
+result=$entry/$archive
+
+exec 9>"$cache/.lock-$hash"
+if ! flock -n 9; then
+	log "another build of $hash is running; waiting for it"
+	flock 9
+fi
+if [[ -f $result ]]; then
+	log "cached: $result"
+	printf '%s\n' "$result" >&3
+	exit 0
+fi
+# Left by builds that were killed outright; the lock says none is live.
+rm -rf "$cache/.build-$hash".*
+
+# Built next to the entry so publishing it is one rename.
+scratch=$(mktemp -d "$cache/.build-$hash.XXXXXX")
+trap 'rm -rf "$scratch"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+log "initramfs $hash (busybox-static $bb_version, compression $compression)"
+root=$scratch/root
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,root,etc}
+chmod 1777 "$root/tmp"
+chmod 0700 "$root/root"
+cp "$busybox" "$root/bin/busybox"
+chmod 0755 "$root/bin/busybox"
+
+# Every applet, not just the few /init uses: a test that execs into the
+# guest gets a usable shell and userland for free, and symlinks cost
+# nothing in the archive.
+while IFS= read -r applet; do
+	[[ -n $applet && $applet != bin/busybox ]] || continue
+	mkdir -p "$root/$(dirname "$applet")"
+	ln -sf /bin/busybox "$root/$applet"
+done < <("$busybox" --list-full)
+[[ -L $root/bin/sh && -L $root/bin/mount && -L $root/sbin/reboot ]] ||
+	die "$busybox lacks sh, mount or reboot"
+
+cat >"$root/init" <<'EOF'
+#!/bin/sh
+# PID 1 of the skiff test guest. The lines starting with "skiff-guest:" are
+# what the VMM's tests look for on the serial console.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+
+mount -t proc proc /proc || echo "skiff-guest: mounting /proc failed"
+mount -t sysfs sysfs /sys || echo "skiff-guest: mounting /sys failed"
+mount -t devtmpfs devtmpfs /dev || echo "skiff-guest: mounting /dev failed"
+
+echo "skiff-guest: hello from the microVM"
+echo "skiff-guest: kernel=$(uname -r)"
+# Counted from /proc/cpuinfo, which lists the CPUs that actually came
+# online, so a test can check the VMM's vCPU setup end to end.
+echo "skiff-guest: cpus=$(grep -c ^processor /proc/cpuinfo)"
+
+# The VM ends with a reboot, not a poweroff. The guest has no ACPI, and
+# without ACPI (or APM) Linux has no way to switch the machine off: it turns
+# `poweroff` into a halt, the vCPUs sit in HLT forever and the VMM is never
+# told. A reboot, with reboot=k on the kernel command line, is a write of
+# 0xFE to the keyboard controller's port 0x64, which the VMM takes as the
+# end of the VM (as Firecracker does). -f because there is no init system
+# to ask: PID 1 calls reboot(2) itself.
+reboot -f
+
+# Not reached unless reboot(2) failed; exiting PID 1 panics the kernel,
+# which with panic=-1 on the command line still ends the VM.
+echo "skiff-guest: reboot failed"
+exit 1
+EOF
+chmod 0755 "$root/init"
+
+# The kernel opens /dev/console for /init's stdin/stdout/stderr before
+# /init can mount devtmpfs, so the node has to be in the archive. It is
+# written as a second, hand-made newc archive (the kernel unpacks
+# concatenated archives) so that building needs no mknod, and so no root.
+newc_entry() { # name mode rdevmajor rdevminor
+	local name=$1 mode=$2 major=$3 minor=$4
+	local namesize=$((${#name} + 1))
+	printf '070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X' \
+		0 "$mode" 0 0 1 0 0 0 0 "$major" "$minor" "$namesize" 0
+	printf '%s\0' "$name"
+	# Header (110 bytes) plus name are padded to a multiple of four.
+	local pad=$(((4 - (110 + namesize) % 4) % 4))
+	head -c "$pad" /dev/zero
+}
+
+# Fixed timestamps and owners, sorted names: the same inputs give the same
+# bytes.
+find "$root" -exec touch -h -d @0 {} +
+out=$scratch/out
+mkdir "$out"
+{
+	(cd "$root" && find . -mindepth 1 -printf '%P\n' | LC_ALL=C sort |
+		cpio --quiet -o -H newc -R 0:0 --reproducible)
+	newc_entry dev/console $((0020000 | 0600)) 5 1
+	newc_entry 'TRAILER!!!' 0 0 0
+} | if [[ $compression == gzip ]]; then gzip -9 -n; else cat; fi >"$out/$archive"
+
+rm -rf "$entry"
+mv -T "$out" "$entry"
+log "done: $result ($(stat -c %s "$result") bytes)"
+printf '%s\n' "$result" >&3
