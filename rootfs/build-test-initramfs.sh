@@ -129,17 +129,25 @@ echo "skiff-guest: kernel=$(uname -r)"
 # online, so a test can check the VMM's vCPU setup end to end.
 echo "skiff-guest: cpus=$(grep -c ^processor /proc/cpuinfo)"
 
-# The VM ends with a reboot, not a poweroff. The guest has no ACPI, and
-# without ACPI (or APM) Linux has no way to switch the machine off: it turns
-# `poweroff` into a halt, the vCPUs sit in HLT forever and the VMM is never
-# told. A reboot, with reboot=k on the kernel command line, is a write of
-# 0xFE to the keyboard controller's port 0x64, which the VMM takes as the
-# end of the VM (as Firecracker does). -f because there is no init system
-# to ask: PID 1 calls reboot(2) itself.
-reboot -f
+# The VM ends with a reboot, or with a power-off when the command line says
+# skiff.test.end=poweroff. Both reach the VMM as a write of 0xFE to the
+# keyboard controller's port 0x64 (reboot=k; poweroff=kbd, which the skiff
+# kernel adds because without ACPI Linux would turn a power-off into a halt
+# the VMM never hears of). -f because there is no init system to ask: PID 1
+# calls reboot(2) itself.
+case " $(cat /proc/cmdline) " in
+*" skiff.test.end=poweroff "*)
+	echo "skiff-guest: powering off"
+	poweroff -f
+	;;
+*)
+	echo "skiff-guest: rebooting"
+	reboot -f
+	;;
+esac
 
 # Not reached unless reboot(2) failed; exiting PID 1 panics the kernel,
-# which with panic=-1 on the command line still ends the VM.
+# which the VMM reports as a failure.
 echo "skiff-guest: reboot failed"
 exit 1
 EOF

@@ -65,7 +65,7 @@ fn boots_and_exits_zero_when_the_guest_resets() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "hello pvpanic_port=0x505RAMDISK"
+        "hello pvpanic_port=0x505 poweroff=kbdRAMDISK"
     );
 }
 
@@ -87,7 +87,7 @@ fn console_can_go_to_a_file() {
     assert_eq!(out.stdout, b"");
     assert_eq!(
         std::fs::read_to_string(&console).unwrap(),
-        "to-file pvpanic_port=0x505"
+        "to-file pvpanic_port=0x505 poweroff=kbd"
     );
 }
 

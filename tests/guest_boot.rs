@@ -48,6 +48,13 @@ impl Boot {
     fn has(&self, needle: &str) -> bool {
         self.line_time(needle).is_some()
     }
+    fn console(&self) -> String {
+        self.lines
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }
 
 fn boot(args: &[&str]) -> Boot {
@@ -98,19 +105,15 @@ fn boot(args: &[&str]) -> Boot {
 }
 
 #[test]
-fn kernel_boots_to_init_on_two_vcpus_and_powers_off() {
+fn kernel_boots_to_init_on_two_vcpus_and_reboots() {
     let b = boot(&["--vcpus", "2", "--memory", "128M"]);
-    let console = b
-        .lines
-        .iter()
-        .map(|(_, l)| l.as_str())
-        .collect::<Vec<_>>()
-        .join("\n");
+    let console = b.console();
     assert!(b.has(MARKER), "marker missing; console:\n{console}");
     assert!(
         b.has("skiff-guest: cpus=2"),
         "guest did not see 2 CPUs; console:\n{console}"
     );
+    assert!(b.has("skiff-guest: rebooting"), "console:\n{console}");
     assert!(
         b.status.success(),
         "VMM exited with {:?}; console:\n{console}",
@@ -125,19 +128,30 @@ fn kernel_boots_to_init_on_two_vcpus_and_powers_off() {
 }
 
 #[test]
+fn guest_poweroff_ends_the_vm() {
+    let b = boot(&[
+        "--cmdline",
+        "console=ttyS0 reboot=k panic=1 8250.nr_uarts=1 mitigations=off skiff.test.end=poweroff",
+    ]);
+    let console = b.console();
+    assert!(b.has("skiff-guest: powering off"), "console:\n{console}");
+    assert!(b.has("reboot: Power down"), "console:\n{console}");
+    assert!(
+        b.status.success(),
+        "VMM exited with {:?}; console:\n{console}",
+        b.status
+    );
+}
+
+#[test]
 fn kernel_panic_is_reported_as_a_failure() {
     // No such init: the kernel panics right after unpacking the initramfs,
     // and with panic=1 would then reboot exactly like a clean exit.
     let b = boot(&[
         "--cmdline",
-        "console=ttyS0 reboot=k panic=1 8250.nr_uarts=1 rdinit=/no-such-init",
+        "console=ttyS0 reboot=k panic=1 8250.nr_uarts=1 rdinit=/no-such-init init=/no-such-init",
     ]);
-    let console = b
-        .lines
-        .iter()
-        .map(|(_, l)| l.as_str())
-        .collect::<Vec<_>>()
-        .join("\n");
+    let console = b.console();
     assert!(b.has("Kernel panic"), "no panic on the console:\n{console}");
     assert_eq!(b.status.code(), Some(1), "console:\n{console}");
 }

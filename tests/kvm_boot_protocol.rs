@@ -39,7 +39,7 @@ fn elf_vmlinux_gets_command_line_and_initrd() {
     assert_eq!(exit, VmExit::GuestReset);
     assert_eq!(
         out,
-        "console=ttyS0 skiff.test=1 pvpanic_port=0x505INITRD-CONTENTS"
+        "console=ttyS0 skiff.test=1 pvpanic_port=0x505 poweroff=kbdINITRD-CONTENTS"
     );
 }
 
@@ -52,7 +52,7 @@ fn bzimage_is_entered_at_its_64_bit_entry() {
         CpuProfile::Host,
     );
     assert_eq!(exit, VmExit::GuestReset);
-    assert_eq!(out, "root=/dev/vda pvpanic_port=0x505BZ-INITRD");
+    assert_eq!(out, "root=/dev/vda pvpanic_port=0x505 poweroff=kbdBZ-INITRD");
 }
 
 #[test]
@@ -61,7 +61,7 @@ fn baseline_profile_adds_its_kernel_arguments() {
     assert_eq!(
         out,
         format!(
-            "quiet pvpanic_port=0x505 {}",
+            "quiet pvpanic_port=0x505 poweroff=kbd {}",
             CpuProfile::Baseline.kernel_args().join(" ")
         )
     );

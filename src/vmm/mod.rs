@@ -259,19 +259,26 @@ fn open_kvm(path: &Path) -> Result<Kvm> {
     Ok(kvm)
 }
 
-/// Devices the kernel cannot discover, announced on its command line.
-pub fn device_args() -> Vec<String> {
-    vec![format!("pvpanic_port={:#x}", devices::pio::PVPANIC_PORT)]
+/// What the kernel cannot discover about this machine, announced on its
+/// command line: the pvpanic port, and that power-off goes through the
+/// keyboard controller's reset line like a reboot (the skiff kernel's
+/// `poweroff=kbd`; without ACPI a power-off would otherwise be a halt that
+/// never reaches the VMM).
+pub fn platform_args() -> Vec<String> {
+    vec![
+        format!("pvpanic_port={:#x}", devices::pio::PVPANIC_PORT),
+        "poweroff=kbd".to_owned(),
+    ]
 }
 
-/// The caller's command line plus the device announcements and what the CPU
-/// profile needs. An argument the caller already gave (same key before `=`)
+/// The caller's command line plus the platform announcements and what the
+/// CPU profile needs. An argument the caller already gave (same key before `=`)
 /// is the caller's to decide.
 pub fn compose_cmdline(base: &str, profile: CpuProfile) -> String {
     let key = |arg: &str| arg.split('=').next().unwrap_or(arg).to_owned();
     let mut parts: Vec<String> = base.split_whitespace().map(str::to_owned).collect();
     let given: Vec<String> = parts.iter().map(|p| key(p)).collect();
-    let ours = device_args()
+    let ours = platform_args()
         .into_iter()
         .chain(profile.kernel_args().iter().map(|a| a.to_string()));
     for arg in ours {
@@ -388,15 +395,15 @@ mod tests {
         assert!(clear.starts_with("clearcpuid=") && clear.contains("popcnt"));
         assert_eq!(
             compose_cmdline("console=ttyS0", CpuProfile::Baseline),
-            format!("console=ttyS0 pvpanic_port=0x505 noxsave {clear}")
+            format!("console=ttyS0 pvpanic_port=0x505 poweroff=kbd noxsave {clear}")
         );
         assert_eq!(
             compose_cmdline("noxsave  quiet", CpuProfile::Baseline),
-            format!("noxsave quiet pvpanic_port=0x505 {clear}")
+            format!("noxsave quiet pvpanic_port=0x505 poweroff=kbd {clear}")
         );
         assert_eq!(
             compose_cmdline("console=ttyS0", CpuProfile::Host),
-            "console=ttyS0 pvpanic_port=0x505"
+            "console=ttyS0 pvpanic_port=0x505 poweroff=kbd"
         );
     }
 
@@ -404,7 +411,7 @@ mod tests {
     fn the_callers_arguments_win() {
         assert_eq!(
             compose_cmdline("clearcpuid=avx pvpanic_port=0", CpuProfile::Baseline),
-            "clearcpuid=avx pvpanic_port=0 noxsave"
+            "clearcpuid=avx pvpanic_port=0 poweroff=kbd noxsave"
         );
     }
 
