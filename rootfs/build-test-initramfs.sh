@@ -31,6 +31,8 @@ log() { printf '[build-test-initramfs %3ds] %s\n' "$SECONDS" "$*"; }
 die() { printf 'build-test-initramfs: error: %s\n' "$*"; exit 1; }
 
 script_path=$(readlink -f "${BASH_SOURCE[0]}")
+# shellcheck source=scripts/lib/cache.sh
+source "$(dirname "$script_path")/../scripts/lib/cache.sh"
 busybox=/bin/busybox
 
 for tool in cpio gzip find sort sha256sum dpkg-query flock mktemp readlink touch; do
@@ -56,40 +58,11 @@ hash=$(
 		printf 'compression %s\n' "$compression"
 		printf 'busybox-static %s\n' "$bb_version"
 		printf 'script\n'; sha256sum <"$script_path"
+		printf 'cache\n'; sha256sum <"$cache_lib"
 	} | sha256sum | cut -d' ' -f1
 )
 
-cache_root=${SKIFF_CACHE:-$HOME/.cache/skiff}
-cache=$cache_root/initramfs
-entry=$cache/$hash
-result=$entry/$archive
-
-if [[ -f $result ]]; then
-	log "cached: $result"
-	printf '%s\n' "$result" >&3
-	exit 0
-fi
-
-mkdir -p "$cache"
-cache=$(cd "$cache" && pwd)
-entry=$cache/$hash
-result=$entry/$archive
-
-exec 9>"$cache/.lock-$hash"
-if ! flock -n 9; then
-	log "another build of $hash is running; waiting for it"
-	flock 9
-fi
-if [[ -f $result ]]; then
-	log "cached: $result"
-	printf '%s\n' "$result" >&3
-	exit 0
-fi
-# Left by builds that were killed outright; the lock says none is live.
-rm -rf "$cache/.build-$hash".*
-
-# Built next to the entry so publishing it is one rename.
-scratch=$(mktemp -d "$cache/.build-$hash.XXXXXX")
+cache_begin initramfs "$hash" "$archive"
 trap 'rm -rf "$scratch"' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
@@ -180,7 +153,4 @@ mkdir "$out"
 	newc_entry 'TRAILER!!!' 0 0 0
 } | if [[ $compression == gzip ]]; then gzip -9 -n; else cat; fi >"$out/$archive"
 
-rm -rf "$entry"
-mv -T "$out" "$entry"
-log "done: $result ($(stat -c %s "$result") bytes)"
-printf '%s\n' "$result" >&3
+cache_publish "$out"

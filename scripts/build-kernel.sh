@@ -28,6 +28,8 @@ die() { printf 'build-kernel: error: %s\n' "$*"; exit 1; }
 
 script_path=$(readlink -f "${BASH_SOURCE[0]}")
 repo_root=$(cd "$(dirname "$script_path")/.." && pwd)
+# shellcheck source=scripts/lib/cache.sh
+source "$repo_root/scripts/lib/cache.sh"
 fragment=$repo_root/guest/kernel/skiff.config
 patch_dir=$repo_root/guest/kernel/patches
 source_pkg=linux-source-6.1
@@ -61,49 +63,14 @@ hash=$(
 		printf 'package %s %s\n' "$source_pkg" "$pkg_version"
 		printf 'fragment\n'; sha256sum <"$fragment"
 		printf 'script\n'; sha256sum <"$script_path"
+		printf 'cache\n'; sha256sum <"$cache_lib"
 		for p in ${patches[@]+"${patches[@]}"}; do
 			printf 'patch %s\n' "$(basename "$p")"; sha256sum <"$p"
 		done
 	} | sha256sum | cut -d' ' -f1
 )
 
-cache_root=${SKIFF_CACHE:-$HOME/.cache/skiff}
-kernel_cache=$cache_root/kernel
-entry=$kernel_cache/$hash
-result=$entry/vmlinux
-
-if [[ -f $result ]]; then
-	log "cached: $result"
-	printf '%s\n' "$result" >&3
-	exit 0
-fi
-
-mkdir -p "$kernel_cache"
-kernel_cache=$(cd "$kernel_cache" && pwd)
-entry=$kernel_cache/$hash
-result=$entry/vmlinux
-
-# Two builds of the same inputs (parallel test runs) would only waste
-# cores and race on the rename; the second one waits and then finds the
-# entry.
-exec 9>"$kernel_cache/.lock-$hash"
-if ! flock -n 9; then
-	log "another build of $hash is running; waiting for it"
-	flock 9
-fi
-if [[ -f $result ]]; then
-	log "cached: $result"
-	printf '%s\n' "$result" >&3
-	exit 0
-fi
-
-# Scratch directories of builds that were killed outright (no trap ran).
-# Holding the lock makes it safe: no live build of this hash owns one.
-rm -rf "$kernel_cache/.build-$hash".*
-
-# The scratch directory sits next to the entry so that publishing it is a
-# rename within one filesystem: the entry appears complete or not at all.
-scratch=$(mktemp -d "$kernel_cache/.build-$hash.XXXXXX")
+cache_begin kernel "$hash" vmlinux
 cleanup() {
 	local rc=$?
 	if [[ $rc -ne 0 && ${SKIFF_KEEP_KERNEL_TREE:-0} == 1 ]]; then
@@ -217,8 +184,5 @@ if [[ ${SKIFF_KEEP_KERNEL_TREE:-0} == 1 ]]; then
 fi
 # An entry without a vmlinux can only be debris (someone deleted files by
 # hand); the lock guarantees nobody is publishing it right now.
-rm -rf "$entry"
-mv -T "$out" "$entry"
+cache_publish "$out"
 
-log "done: $result ($(stat -c %s "$result") bytes)"
-printf '%s\n' "$result" >&3
