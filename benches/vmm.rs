@@ -108,7 +108,7 @@ fn memory_overhead(_: &mut Criterion) {
         rss >> 10,
         before >> 10,
         guest >> 10,
-        (rss - guest) >> 10,
+        rss.saturating_sub(guest) >> 10,
         (rss.saturating_sub(before).saturating_sub(guest)) >> 10
     );
 }

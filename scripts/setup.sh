@@ -6,7 +6,7 @@
 #      second run takes seconds),
 #   3. builds skiff itself (release).
 # Prints `export` lines for the artifacts' paths on stdout, so
-#   eval "$(scripts/setup.sh)"
+#   exports=$(scripts/setup.sh) && eval "$exports"
 # leaves SKIFF_KERNEL and SKIFF_INITRD set. Progress goes to stderr.
 set -euo pipefail
 
@@ -39,10 +39,16 @@ fi
 
 [[ -e /dev/kvm ]] || die "/dev/kvm does not exist: skiff needs a host with KVM"
 
-for component in cargo clippy-driver rustfmt; do
-	command -v "$component" >/dev/null 2>&1 || {
-		log "adding the Rust component for $component"
-		rustup component add "${component%-driver}" || die "cannot install the Rust component $component"
+# The toolchain comes from rustup; Debian's own rustc is too old for the lock file.
+required_rust=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
+command -v rustc >/dev/null 2>&1 || die "no Rust toolchain: install one with rustup (Rust $required_rust or newer)"
+rust_version=$(rustc --version | cut -d' ' -f2)
+[[ $(printf '%s\n%s\n' "$required_rust" "$rust_version" | sort -V | head -n1) == "$required_rust" ]] ||
+	die "rustc $rust_version is older than the $required_rust skiff needs: update it with rustup"
+for component in clippy rustfmt; do
+	cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1 || {
+		log "adding the Rust component $component"
+		rustup component add "$component" || die "cannot install the Rust component $component"
 	}
 done
 

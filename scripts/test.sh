@@ -4,7 +4,9 @@
 set -euo pipefail
 repo_root=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)
 cd "$repo_root"
-eval "$(scripts/setup.sh)"
+# Two steps: `eval "$(…)"` would hide a failed set-up from `set -e`.
+exports=$(scripts/setup.sh)
+eval "$exports"
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked

@@ -258,13 +258,22 @@ fn sigterm_stops_a_running_guest_cleanly() {
     fake_kernel::write(&f.path("parked"), &elf);
 
     let console = f.path("console.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_skiff"))
-        .args(["boot", "--cpu-profile", "host", "--cmdline", "up", "--kernel"])
-        .arg(f.path("parked"))
-        .arg("--console")
-        .arg(&console)
-        .spawn()
-        .unwrap();
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_skiff"))
+            .args(["boot", "--cpu-profile", "host", "--cmdline", "up", "--kernel"])
+            .arg(f.path("parked"))
+            .arg("--console")
+            .arg(&console)
+            .spawn()
+            .unwrap(),
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !std::fs::read_to_string(&console)
         .unwrap_or_default()
@@ -274,7 +283,7 @@ fn sigterm_stops_a_running_guest_cleanly() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     // SAFETY: plain kill(2) of our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let status = child.wait().unwrap();
+    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.0.wait().unwrap();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM));
 }

@@ -81,21 +81,21 @@ fn boot(args: &[&str]) -> Boot {
     });
     let mut lines = Vec::new();
     loop {
+        if start.elapsed() > BOOT_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            let so_far: Vec<&str> = lines
+                .iter()
+                .map(|(_, l): &(Duration, String)| l.as_str())
+                .collect();
+            panic!(
+                "guest did not finish within {BOOT_TIMEOUT:?}; console so far:\n{}",
+                so_far.join("\n")
+            );
+        }
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => lines.push(line),
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) if start.elapsed() > BOOT_TIMEOUT => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "guest did not finish within {BOOT_TIMEOUT:?}; console so far:\n{}",
-                    lines
-                        .iter()
-                        .map(|(_, l): &(Duration, String)| l.as_str())
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                );
-            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
     }

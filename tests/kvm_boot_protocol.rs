@@ -5,7 +5,7 @@ mod common;
 
 use common::fake_kernel;
 use common::Console;
-use skiff::vmm::{BootSource, CpuProfile, Vm, VmConfig, VmExit};
+use skiff::vmm::{BootSource, CpuProfile, VmConfig, VmExit};
 
 fn boot(kernel: &[u8], initrd: Option<&[u8]>, cmdline: &str, profile: CpuProfile) -> (VmExit, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -24,7 +24,7 @@ fn boot(kernel: &[u8], initrd: Option<&[u8]>, cmdline: &str, profile: CpuProfile
     });
     config.console = console.output();
     config.cpu_profile = Some(profile);
-    let exit = Vm::create(config).unwrap().start().unwrap().wait().unwrap();
+    let exit = common::run_with_limit(config, std::time::Duration::from_secs(60)).unwrap();
     (exit, console.text())
 }
 

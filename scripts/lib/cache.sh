@@ -25,7 +25,7 @@ cache_found() {
 # waits for the first and then usually finds the entry.
 cache_begin() {
 	local kind=$1 hash=$2 name=$3
-	local dir=${SKIFF_CACHE:-$HOME/.cache/skiff}/$kind
+	local dir=${SKIFF_CACHE:-${HOME:?set SKIFF_CACHE or HOME}/.cache/skiff}/$kind
 	cache_found "$dir/$hash/$name"
 	mkdir -p "$dir"
 	dir=$(cd "$dir" && pwd)

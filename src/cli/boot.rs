@@ -74,7 +74,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
     let vm = Vm::create(config)?;
     tracing::info!(profile = %vm.cpu_profile(), "booting");
     let running = vm.start()?;
-    let received = signals.watch(running.stop_handle());
+    let received = signals.watch(running.stop_handle())?;
     match running.wait()? {
         VmExit::GuestReset => Ok(0),
         VmExit::TripleFault => bail!("the guest crashed: a vCPU triple-faulted"),

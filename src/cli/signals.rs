@@ -31,19 +31,31 @@ impl StopOnSignal {
     }
 
     /// Starts the thread that stops the VM on the first SIGINT or SIGTERM and
-    /// reports which one it was.
-    pub fn watch(self, stop: StopHandle) -> mpsc::Receiver<i32> {
+    /// reports which one it was. A second one ends the process at once, in
+    /// case the orderly stop is itself stuck (e.g. on a console pipe nobody reads).
+    pub fn watch(self, stop: StopHandle) -> anyhow::Result<mpsc::Receiver<i32>> {
         let (tx, rx) = mpsc::channel();
         let sigset = self.sigset;
-        let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
-            let mut signal = 0;
-            // SAFETY: sigset holds signals blocked in this thread, as sigwait requires.
-            if unsafe { libc::sigwait(&sigset, &mut signal) } == 0 {
-                tracing::info!(signal, "stopping the VM");
-                let _ = tx.send(signal);
-                stop.stop();
-            }
-        });
-        rx
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut stopping = false;
+                loop {
+                    let mut signal = 0;
+                    // SAFETY: sigset holds signals blocked in this thread, as sigwait requires.
+                    if unsafe { libc::sigwait(&sigset, &mut signal) } != 0 {
+                        continue;
+                    }
+                    if stopping {
+                        std::process::exit(128 + signal);
+                    }
+                    stopping = true;
+                    tracing::info!(signal, "stopping the VM");
+                    let _ = tx.send(signal);
+                    stop.stop();
+                }
+            })
+            .context("starting the signal thread")?;
+        Ok(rx)
     }
 }

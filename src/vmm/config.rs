@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use super::cpuid::CpuProfile;
 use super::error::{Error, Result};
-use super::layout::{CMDLINE_MAX_SIZE, MIN_MEMORY, PAGE_SIZE};
+use super::layout::{self, CMDLINE_MAX_SIZE, HIMEM_START, IDENTITY_MAPPED, MIN_MEMORY, PAGE_SIZE};
 use super::x86_64::mptable::MAX_VCPUS;
 
 pub const DEFAULT_MEMORY: u64 = 128 << 20;
@@ -139,12 +139,13 @@ impl VmConfig {
                 }
             }
             BootSource::Code { code, load_addr } => {
+                // Above the boot structures, inside the identity map, in RAM.
+                let limit = IDENTITY_MAPPED.min(layout::low_ram_end(mem));
                 let end = load_addr.checked_add(code.len() as u64);
-                if code.is_empty() || end.is_none_or(|end| end > mem) {
+                if code.is_empty() || *load_addr < HIMEM_START || end.is_none_or(|end| end > limit) {
                     return Err(Error::Config(format!(
-                        "{} bytes of code at {load_addr:#x} do not fit in {}",
+                        "{} bytes of code at {load_addr:#x} must lie within [{HIMEM_START:#x}, {limit:#x})",
                         code.len(),
-                        self.memory
                     )));
                 }
             }
@@ -210,7 +211,7 @@ mod tests {
     fn code_config() -> VmConfig {
         VmConfig::new(BootSource::Code {
             code: vec![0xf4],
-            load_addr: 0x10000,
+            load_addr: HIMEM_START,
         })
     }
 
@@ -303,13 +304,20 @@ mod tests {
     }
 
     #[test]
-    fn code_must_fit_in_memory() {
+    fn code_must_fit_in_memory_and_clear_the_boot_structures() {
         let mut c = code_config();
+        c.memory = MemorySize(2 << 20);
+        for (load_addr, len) in [((2 << 20) - 8, 16), (0x8000, 1), (IDENTITY_MAPPED - 1, 2)] {
+            c.boot = BootSource::Code {
+                code: vec![0; len],
+                load_addr,
+            };
+            assert!(c.validate(1, None).is_err(), "{load_addr:#x}+{len}");
+        }
         c.boot = BootSource::Code {
             code: vec![0; 16],
-            load_addr: (2 << 20) - 8,
+            load_addr: HIMEM_START,
         };
-        c.memory = MemorySize(2 << 20);
-        assert!(c.validate(1, None).is_err());
+        c.validate(1, None).unwrap();
     }
 }

@@ -24,6 +24,8 @@ pub enum Error {
     BootSetup(String),
     #[error("console output {}: {source}", path.display())]
     Console { path: PathBuf, source: std::io::Error },
+    #[error("installing the vCPU kick signal handler: {0}")]
+    KickHandler(std::io::Error),
     #[error("starting vCPU thread {index}: {source}")]
     Thread { index: u8, source: std::io::Error },
     #[error(

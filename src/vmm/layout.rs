@@ -40,6 +40,8 @@ pub const MIN_MEMORY: u64 = 2 << 20;
 /// Guest RAM is allocated in whole pages of this size.
 pub const PAGE_SIZE: u64 = 4096;
 
+// The boot page tables have one page directory: 512 entries of 2 MiB.
+const _: () = assert!(IDENTITY_MAPPED <= 512 << 21);
 // The boot stack grows down from between the zero page and the page tables,
 // and the command line must end below the EBDA.
 const _: () = assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 4096);

@@ -96,11 +96,13 @@ impl Vm {
             .unwrap_or_else(|| CpuProfile::for_backend(host::detect_backend()));
         tracing::debug!(%profile, vcpus = config.vcpus, memory = %config.memory, "creating VM");
 
+        // Allocated before the VM fd so that, on any early return, the fd (and
+        // with it the memslots) is dropped before the memory they point at.
+        let mem_size = config.memory.0;
+        let memory = memory::allocate(mem_size)?;
         let vm_fd = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
         // Before the irqchip: once it exists, every memslot change waits for
         // KVM's SRCU readers, which costs milliseconds here instead of microseconds.
-        let mem_size = config.memory.0;
-        let memory = memory::allocate(mem_size)?;
         memory::register(&vm_fd, &memory)?;
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
@@ -166,8 +168,10 @@ impl Vm {
             fds.push(fd);
         }
 
-        let serial_evt =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Memory(format!("eventfd: {e}")))?;
+        // Close-on-exec like every other fd here: a helper process the
+        // runtime starts must not be able to raise the guest's IRQ 4.
+        let serial_evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|e| Error::Memory(format!("eventfd: {e}")))?;
         vm_fd
             .register_irqfd(&serial_evt, COM1_IRQ)
             .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
@@ -199,7 +203,7 @@ impl Vm {
 
     /// Starts one thread per vCPU.
     pub fn start(mut self) -> Result<RunningVm> {
-        vcpu::install_kick_handler().map_err(|source| Error::Thread { index: 0, source })?;
+        vcpu::install_kick_handler().map_err(Error::KickHandler)?;
         let (events, receiver) = channel();
         let stop = Arc::new(AtomicBool::new(false));
         let vcpus = std::mem::take(&mut self.vcpus);
@@ -219,7 +223,14 @@ impl Vm {
                 .name(format!("vcpu{index}"))
                 .stack_size(VCPU_STACK_SIZE)
                 .spawn(move || {
-                    let end = vcpu.run(&stop);
+                    // A panic must still be reported, or `wait` would wait forever.
+                    let end = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run(&stop)))
+                        .unwrap_or_else(|_| {
+                            VcpuEnd::Failed(Error::Vcpu {
+                                vcpu: index,
+                                reason: "the vCPU thread panicked".into(),
+                            })
+                        });
                     let _ = events.send(Event::Vcpu(index, end));
                 });
             match spawned {

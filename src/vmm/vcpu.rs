@@ -3,7 +3,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, OnceLock};
 
 use kvm_bindings::{KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -41,7 +41,10 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
         let p = p.get();
         if !p.is_null() {
             // SAFETY: the pointer is set only while this thread owns the vCPU
-            // and its kvm_run mapping, and cleared before that ends.
+            // and its kvm_run mapping, and cleared before that ends. The byte
+            // is also written by this same thread outside the handler and read
+            // by KVM; a one-byte store cannot tear, and the handler only ever
+            // sets it, so the interleavings are all benign.
             unsafe { &*p }.store(1, Ordering::SeqCst);
         }
     });
@@ -52,14 +55,14 @@ pub fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
+/// Installs the handler once per process; every caller learns whether it is
+/// there, since a kick without it would kill the whole process.
 pub fn install_kick_handler() -> std::io::Result<()> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| {
-        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+    let result = INSTALLED.get_or_init(|| {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno())
     });
-    result
+    result.map_err(std::io::Error::from_raw_os_error)
 }
 
 pub struct Vcpu {

@@ -74,6 +74,18 @@ pub mod asm {
     }
 }
 
+/// Starts the VM and waits for it, stopping it after `limit` so a hung guest
+/// fails its test instead of hanging the suite.
+pub fn run_with_limit(config: VmConfig, limit: Duration) -> Result<skiff::vmm::VmExit, skiff::vmm::Error> {
+    let running = skiff::vmm::Vm::create(config)?.start()?;
+    let stop = running.stop_handle();
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        stop.stop();
+    });
+    running.wait()
+}
+
 /// A config that runs `code` on a small guest, with the console captured.
 pub fn code_vm(code: Vec<u8>, console: &Console) -> VmConfig {
     let mut config = VmConfig::new(BootSource::Code {

@@ -10,7 +10,7 @@ use super::triggers::{IrqLine, ResetLine};
 
 pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
-const UART_PORTS: u16 = 8;
+const COM1_PORTS: std::ops::RangeInclusive<u16> = COM1_BASE..=COM1_BASE + 7;
 pub const I8042_DATA: u16 = 0x60;
 pub const I8042_COMMAND: u16 = 0x64;
 /// The pvpanic port QEMU established: a guest writes `PVPANIC_PANICKED` when
@@ -46,28 +46,36 @@ impl PioBus {
         }
     }
 
+    /// All devices here have 8-bit registers, so each byte is one access:
+    /// that is how `rep insb` arrives (count bytes for one exit).
     pub fn read(&self, port: u16, data: &mut [u8]) {
-        let value = match port {
-            COM1_BASE..=0x3ff => lock(&self.serial).read((port - COM1_BASE) as u8),
-            I8042_DATA | I8042_COMMAND => lock(&self.i8042).read((port - I8042_DATA) as u8),
-            PVPANIC_PORT => PVPANIC_PANICKED,
-            _ => {
-                tracing::trace!(port = format_args!("{port:#x}"), "read from unclaimed port");
-                0xff
-            }
-        };
-        data.fill(0xff);
-        if let Some(first) = data.first_mut() {
-            *first = value;
+        for byte in data.iter_mut() {
+            *byte = match port {
+                p if COM1_PORTS.contains(&p) => lock(&self.serial).read((port - COM1_BASE) as u8),
+                I8042_DATA | I8042_COMMAND => lock(&self.i8042).read((port - I8042_DATA) as u8),
+                PVPANIC_PORT => PVPANIC_PANICKED,
+                _ => {
+                    tracing::trace!(port = format_args!("{port:#x}"), "read from unclaimed port");
+                    0xff
+                }
+            };
         }
     }
 
+    /// Each byte is one access, as for reads (`rep outsb`).
     pub fn write(&self, port: u16, data: &[u8]) -> PioOutcome {
-        let Some(&value) = data.first() else {
-            return PioOutcome::Continue;
-        };
+        for &value in data {
+            let outcome = self.write_byte(port, value);
+            if outcome != PioOutcome::Continue {
+                return outcome;
+            }
+        }
+        PioOutcome::Continue
+    }
+
+    fn write_byte(&self, port: u16, value: u8) -> PioOutcome {
         match port {
-            p if (COM1_BASE..COM1_BASE + UART_PORTS).contains(&p) => {
+            p if COM1_PORTS.contains(&p) => {
                 if let Err(e) = lock(&self.serial).write((port - COM1_BASE) as u8, value) {
                     // The console sink failing must not take the guest down.
                     tracing::warn!("serial console: {e:?}");
@@ -118,7 +126,7 @@ mod tests {
 
     fn bus() -> (PioBus, Captured) {
         let out = Captured::default();
-        let irq = IrqLine(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let irq = IrqLine(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap());
         (PioBus::new(irq, Box::new(out.clone())), out)
     }
 
@@ -147,6 +155,13 @@ mod tests {
         assert_eq!(features[0], PVPANIC_PANICKED);
         assert_eq!(bus.write(PVPANIC_PORT, &[0]), PioOutcome::Continue);
         assert_eq!(bus.write(PVPANIC_PORT, &[PVPANIC_PANICKED]), PioOutcome::Panic);
+    }
+
+    #[test]
+    fn string_writes_reach_the_console_byte_by_byte() {
+        let (bus, out) = bus();
+        assert_eq!(bus.write(COM1_BASE, b"rep outsb"), PioOutcome::Continue);
+        assert_eq!(&*out.0.lock().unwrap(), b"rep outsb");
     }
 
     #[test]

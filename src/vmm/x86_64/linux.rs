@@ -20,7 +20,6 @@ const XLF_KERNEL_64: u16 = 1;
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x7fff_ffff;
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 const BZIMAGE_MAGIC_OFFSET: u64 = 0x202;
-const BZIMAGE_MAGIC: &[u8; 4] = b"HdrS";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelFormat {
@@ -38,7 +37,7 @@ pub fn detect_format<R: Read + Seek>(image: &mut R) -> std::result::Result<Kerne
     image
         .seek(SeekFrom::Start(BZIMAGE_MAGIC_OFFSET))
         .map_err(|e| e.to_string())?;
-    if image.read_exact(&mut magic).is_ok() && &magic == BZIMAGE_MAGIC {
+    if image.read_exact(&mut magic).is_ok() && magic == zero_page::KERNEL_HDR_MAGIC.to_le_bytes() {
         return Ok(KernelFormat::BzImage);
     }
     Err("not a kernel: neither an ELF vmlinux nor a bzImage".into())
@@ -93,7 +92,11 @@ pub fn load<M: GuestMemory>(
                 .map(|h| u64::from(h.initrd_addr_max))
                 .filter(|m| *m != 0)
                 .unwrap_or(DEFAULT_INITRD_ADDR_MAX);
-            Some(load_initrd(mem, mem_size, loaded.kernel_end, path, addr_max)?)
+            let kernel_end = match loaded.setup_header {
+                Some(hdr) => decompressed_end(&hdr, loaded.kernel_end),
+                None => loaded.kernel_end,
+            };
+            Some(load_initrd(mem, mem_size, kernel_end, path, addr_max)?)
         }
         None => None,
     };
@@ -118,6 +121,17 @@ pub fn load<M: GuestMemory>(
         entry,
         zero_page: ZERO_PAGE_START,
     })
+}
+
+/// Where a bzImage's kernel ends once it has decompressed itself: its
+/// decompressor writes `init_size` bytes from the load address aligned to
+/// `kernel_alignment`, but never below `pref_address` (the kernel's
+/// LOAD_PHYSICAL_ADDR), far past the compressed image linux-loader reports.
+fn decompressed_end(hdr: &linux_loader::loader::bootparam::setup_header, loaded_end: u64) -> u64 {
+    let align = u64::from(hdr.kernel_alignment).max(1);
+    let start = u64::from(hdr.code32_start).div_ceil(align) * align;
+    let start = start.max(hdr.pref_address);
+    loaded_end.max(start.saturating_add(u64::from(hdr.init_size)))
 }
 
 fn describe_load_error(e: &linux_loader::loader::Error, mem_size: u64) -> String {
@@ -172,6 +186,21 @@ mod tests {
         let mut bz = vec![0u8; 0x300];
         bz[0x202..0x206].copy_from_slice(b"HdrS");
         assert_eq!(detect_format(&mut Cursor::new(bz)), Ok(KernelFormat::BzImage));
+    }
+
+    #[test]
+    fn bzimage_footprint_is_its_decompressed_size() {
+        let hdr = linux_loader::loader::bootparam::setup_header {
+            code32_start: 0x10_0000,
+            kernel_alignment: 0x20_0000,
+            pref_address: 0x100_0000,
+            init_size: 0x200_0000,
+            ..Default::default()
+        };
+        // The compressed image ends at 5 MiB, the kernel at 16 + 32 MiB.
+        assert_eq!(decompressed_end(&hdr, 0x50_0000), 0x300_0000);
+        let no_info = linux_loader::loader::bootparam::setup_header::default();
+        assert_eq!(decompressed_end(&no_info, 0x50_0000), 0x50_0000);
     }
 
     #[test]

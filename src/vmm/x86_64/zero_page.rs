@@ -6,8 +6,8 @@ use linux_loader::loader::bootparam::{boot_params, setup_header};
 use crate::vmm::layout::{self, E820Entry};
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
-/// "HdrS"
-const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+/// "HdrS", at offset 0x202 of a bzImage and in every zero page.
+pub const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
 /// "Undefined" boot loader ID: we are not one of the registered loaders.
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 /// A vmlinux has no setup header of its own; this is the alignment an x86_64
