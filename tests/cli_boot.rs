@@ -287,3 +287,30 @@ fn sigterm_stops_a_running_guest_cleanly() {
     let status = child.0.wait().unwrap();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM));
 }
+
+#[test]
+fn console_pipe_closed_by_the_reader_does_not_stop_the_guest() {
+    use std::os::fd::FromRawFd;
+    let f = Fixture::new();
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills the two-element array it is given.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both fds were just created and are owned here, once each.
+    let (reader, writer) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_skiff"))
+        .args(["boot", "--cpu-profile", "host", "--kernel"])
+        .arg(f.path("vmlinux"))
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one warning expected: {stderr}");
+    assert!(stderr.contains("serial console output failed"), "{stderr}");
+}

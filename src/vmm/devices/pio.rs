@@ -1,6 +1,7 @@
 //! The port I/O bus: COM1 and the i8042 reset line. Ports nobody decodes read
 //! as all ones and ignore writes, as on a PC with nothing plugged in.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use vm_superio::{I8042Device, Serial};
@@ -34,6 +35,9 @@ pub struct PioBus {
     serial: Mutex<Serial<IrqLine, vm_superio::serial::NoEvents, ConsoleWriter>>,
     i8042: Mutex<I8042Device<ResetLine>>,
     reset: ResetLine,
+    /// Set once the console sink has failed (e.g. a closed pipe), so the
+    /// failure is logged once rather than for every byte the guest prints.
+    console_failed: AtomicBool,
 }
 
 impl PioBus {
@@ -43,6 +47,7 @@ impl PioBus {
             serial: Mutex::new(Serial::new(serial_irq, console)),
             i8042: Mutex::new(I8042Device::new(reset.clone())),
             reset,
+            console_failed: AtomicBool::new(false),
         }
     }
 
@@ -76,9 +81,12 @@ impl PioBus {
     fn write_byte(&self, port: u16, value: u8) -> PioOutcome {
         match port {
             p if COM1_PORTS.contains(&p) => {
-                if let Err(e) = lock(&self.serial).write((port - COM1_BASE) as u8, value) {
-                    // The console sink failing must not take the guest down.
-                    tracing::warn!("serial console: {e:?}");
+                let result = lock(&self.serial).write((port - COM1_BASE) as u8, value);
+                // The console sink failing must not take the guest down.
+                if let Err(e) = result {
+                    if !self.console_failed.swap(true, Ordering::Relaxed) {
+                        tracing::warn!("serial console output failed, dropping it from now on: {e:?}");
+                    }
                 }
             }
             I8042_DATA | I8042_COMMAND => {
