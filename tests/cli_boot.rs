@@ -243,18 +243,7 @@ fn failed_boot_leaves_no_console_file() {
 fn sigterm_stops_a_running_guest_cleanly() {
     let f = Fixture::new();
     // A kernel that never ends: it parks after printing.
-    let mut code = fake_kernel::entry_code();
-    let park = code.len() - 4;
-    code.truncate(park - 4); // drop the i8042 reset
-    code.extend([0xfa, 0xf4, 0xeb, 0xfd]);
-    let mut elf = fake_kernel::elf_vmlinux();
-    let start = elf.len() - fake_kernel::entry_code().len();
-    elf.truncate(start);
-    elf.extend(&code);
-    let len = (code.len() as u64).to_le_bytes();
-    // p_filesz and p_memsz of the one program header.
-    elf[64 + 32..64 + 40].copy_from_slice(&len);
-    elf[64 + 40..64 + 48].copy_from_slice(&len);
+    let elf = fake_kernel::elf_with_code(fake_kernel::parked_entry_code());
     fake_kernel::write(&f.path("parked"), &elf);
 
     let console = f.path("console.log");

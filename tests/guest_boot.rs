@@ -49,13 +49,20 @@ impl Boot {
         self.line_time(needle).is_some()
     }
     fn console(&self) -> String {
-        self.lines
-            .iter()
-            .map(|(_, l)| l.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
+        console_text(&self.lines)
     }
 }
+
+fn console_text(lines: &[(Duration, String)]) -> String {
+    lines
+        .iter()
+        .map(|(_, l)| l.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `skiff boot`'s default command line, for tests that add to it.
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 8250.nr_uarts=1 mitigations=off";
 
 fn boot(args: &[&str]) -> Boot {
     let kernel = artifact("SKIFF_KERNEL", "scripts/build-kernel.sh");
@@ -84,13 +91,9 @@ fn boot(args: &[&str]) -> Boot {
         if start.elapsed() > BOOT_TIMEOUT {
             let _ = child.kill();
             let _ = child.wait();
-            let so_far: Vec<&str> = lines
-                .iter()
-                .map(|(_, l): &(Duration, String)| l.as_str())
-                .collect();
             panic!(
                 "guest did not finish within {BOOT_TIMEOUT:?}; console so far:\n{}",
-                so_far.join("\n")
+                console_text(&lines)
             );
         }
         match rx.recv_timeout(Duration::from_millis(200)) {
@@ -129,10 +132,7 @@ fn kernel_boots_to_init_on_two_vcpus_and_reboots() {
 
 #[test]
 fn guest_poweroff_ends_the_vm() {
-    let b = boot(&[
-        "--cmdline",
-        "console=ttyS0 reboot=k panic=1 8250.nr_uarts=1 mitigations=off skiff.test.end=poweroff",
-    ]);
+    let b = boot(&["--cmdline", &format!("{BASE_CMDLINE} skiff.test.end=poweroff")]);
     let console = b.console();
     assert!(b.has("skiff-guest: powering off"), "console:\n{console}");
     assert!(b.has("reboot: Power down"), "console:\n{console}");
@@ -149,7 +149,7 @@ fn kernel_panic_is_reported_as_a_failure() {
     // and with panic=1 would then reboot exactly like a clean exit.
     let b = boot(&[
         "--cmdline",
-        "console=ttyS0 reboot=k panic=1 8250.nr_uarts=1 rdinit=/no-such-init init=/no-such-init",
+        &format!("{BASE_CMDLINE} rdinit=/no-such-init init=/no-such-init"),
     ]);
     let console = b.console();
     assert!(b.has("Kernel panic"), "no panic on the console:\n{console}");

@@ -349,15 +349,18 @@ impl RunningVm {
     pub fn wait(mut self) -> Result<VmExit> {
         // `self` holds a sender, so this only returns with an event.
         let event = self.receiver.recv().unwrap_or(Event::StopRequested);
-        // Measured while the guest's memory is still mapped.
-        let rss = memory::process_rss().unwrap_or(0);
-        let guest = memory::resident_bytes(&self.vm.memory);
-        tracing::info!(
-            process_rss_kib = rss >> 10,
-            guest_resident_kib = guest >> 10,
-            vmm_overhead_kib = rss.saturating_sub(guest) >> 10,
-            "memory at VM end"
-        );
+        // Measured while the guest's memory is still mapped, and only when it
+        // will be logged: mincore over all guest RAM is not free for big guests.
+        if tracing::enabled!(tracing::Level::INFO) {
+            let rss = memory::process_rss().unwrap_or(0);
+            let guest = memory::resident_bytes(&self.vm.memory);
+            tracing::info!(
+                process_rss_kib = rss >> 10,
+                guest_resident_kib = guest >> 10,
+                vmm_overhead_kib = rss.saturating_sub(guest) >> 10,
+                "memory at VM end"
+            );
+        }
         self.shutdown();
         let elapsed = self.started.elapsed();
         let outcome = match event {

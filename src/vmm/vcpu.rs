@@ -97,7 +97,11 @@ impl Vcpu {
         IMMEDIATE_EXIT.with(|p| p.set(immediate_exit.cast::<AtomicU8>().cast_const()));
         let end = self.run_loop(stop);
         IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null()));
-        // Where a guest was when it was stopped is the first clue to a hang.
+        // Where a guest was when it was stopped is the first clue to a hang;
+        // fetched only when it will be logged.
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return end;
+        }
         let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
         tracing::debug!(
             vcpu = self.index,

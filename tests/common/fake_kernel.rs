@@ -8,6 +8,20 @@ use std::path::Path;
 /// Loaded and entered at 16 MiB, like an x86_64 vmlinux (CONFIG_PHYSICAL_START).
 pub const LOAD_ADDR: u64 = 0x100_0000;
 
+/// The tail of `entry_code` that resets the VM and then parks.
+const RESET_AND_PARK: [u8; 8] = [0xb0, 0xfe, 0xe6, 0x64, 0xfa, 0xf4, 0xeb, 0xfd];
+/// cli ; hlt ; jmp back to the hlt
+const PARK: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
+
+/// The same as `entry_code`, but the guest parks instead of resetting, so
+/// the VM runs until the host stops it.
+pub fn parked_entry_code() -> Vec<u8> {
+    let mut code = entry_code();
+    code.truncate(code.len() - RESET_AND_PARK.len());
+    code.extend(PARK);
+    code
+}
+
 /// The entry code: rsi = the zero page.
 pub fn entry_code() -> Vec<u8> {
     vec![
@@ -26,14 +40,19 @@ pub fn entry_code() -> Vec<u8> {
         0xee, // out dx, al
         0x48, 0xff, 0xc3, // inc rbx
         0xe2, 0xf8, // loop copy
-        0xb0, 0xfe, 0xe6, 0x64, // done: reset through the i8042
-        0xfa, 0xf4, 0xeb, 0xfd, // park
     ]
+    .into_iter()
+    .chain(RESET_AND_PARK) // done: reset through the i8042, then park
+    .collect()
 }
 
 /// An ELF64 executable with one PT_LOAD segment at `LOAD_ADDR`.
 pub fn elf_vmlinux() -> Vec<u8> {
-    let code = entry_code();
+    elf_with_code(entry_code())
+}
+
+/// An ELF64 executable with `code` as its one PT_LOAD segment at `LOAD_ADDR`.
+pub fn elf_with_code(code: Vec<u8>) -> Vec<u8> {
     const PHOFF: u64 = 64;
     const CODE_OFFSET: u64 = 0x1000;
     let mut f = Vec::new();
