@@ -33,6 +33,8 @@ die() { printf 'build-test-initramfs: error: %s\n' "$*"; exit 1; }
 script_path=$(readlink -f "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/lib/cache.sh
 source "$(dirname "$script_path")/../scripts/lib/cache.sh"
+# shellcheck source=scripts/lib/initramfs.sh
+source "$(dirname "$script_path")/../scripts/lib/initramfs.sh"
 busybox=/bin/busybox
 
 for tool in cpio gzip find sort sha256sum dpkg-query flock mktemp readlink touch; do
@@ -59,6 +61,7 @@ hash=$(
 		printf 'busybox-static %s\n' "$bb_version"
 		printf 'script\n'; sha256sum <"$script_path"
 		printf 'cache\n'; sha256sum <"$cache_lib"
+		printf 'initramfs\n'; sha256sum <"${cache_lib%/*}/initramfs.sh"
 	} | sha256sum | cut -d' ' -f1
 )
 
@@ -126,31 +129,8 @@ exit 1
 EOF
 chmod 0755 "$root/init"
 
-# The kernel opens /dev/console for /init's stdin/stdout/stderr before
-# /init can mount devtmpfs, so the node has to be in the archive. It is
-# written as a second, hand-made newc archive (the kernel unpacks
-# concatenated archives) so that building needs no mknod, and so no root.
-newc_entry() { # name mode rdevmajor rdevminor
-	local name=$1 mode=$2 major=$3 minor=$4
-	local namesize=$((${#name} + 1))
-	printf '070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X' \
-		0 "$mode" 0 0 1 0 0 0 0 "$major" "$minor" "$namesize" 0
-	printf '%s\0' "$name"
-	# Header (110 bytes) plus name are padded to a multiple of four.
-	local pad=$(((4 - (110 + namesize) % 4) % 4))
-	head -c "$pad" /dev/zero
-}
-
-# Fixed timestamps and owners, sorted names: the same inputs give the same
-# bytes.
-find "$root" -exec touch -h -d @0 {} +
 out=$scratch/out
 mkdir "$out"
-{
-	(cd "$root" && find . -mindepth 1 -printf '%P\n' | LC_ALL=C sort |
-		cpio --quiet -o -H newc -R 0:0 --reproducible)
-	newc_entry dev/console $((0020000 | 0600)) 5 1
-	newc_entry 'TRAILER!!!' 0 0 0
-} | if [[ $compression == gzip ]]; then gzip -9 -n; else cat; fi >"$out/$archive"
+pack_initramfs "$root" | if [[ $compression == gzip ]]; then gzip -9 -n; else cat; fi >"$out/$archive"
 
 cache_publish "$out"

@@ -2,12 +2,14 @@
 # Prepares a Debian 12 x86_64 host to build, run and test skiff:
 #   1. installs the Debian packages the guest kernel, the test images and the
 #      tests need (only what is missing; needs root),
-#   2. builds the guest kernel and the test initramfs (cached by content, so a
-#      second run takes seconds),
+#   2. builds the guest kernel, the guest agent's initramfs, the test
+#      initramfs and the busybox demo rootfs (cached by content, so a second
+#      run takes seconds),
 #   3. builds skiff itself (release).
 # Prints `export` lines for the artifacts' paths on stdout, so
 #   exports=$(scripts/setup.sh) && eval "$exports"
-# leaves SKIFF_KERNEL and SKIFF_INITRD set. Progress goes to stderr.
+# leaves SKIFF_KERNEL, SKIFF_AGENT_INITRD, SKIFF_INITRD and
+# SKIFF_BUSYBOX_ROOTFS set. Progress goes to stderr.
 set -euo pipefail
 
 exec 3>&1 1>&2
@@ -21,7 +23,9 @@ packages=(
 	# guest kernel build (scripts/build-kernel.sh)
 	linux-source-6.1 build-essential bc flex bison libelf-dev libssl-dev xz-utils patch
 	# test initramfs and images (rootfs/)
-	busybox-static cpio gzip e2fsprogs
+	busybox-static cpio gzip e2fsprogs file
+	# root filesystem images made from bundles (src/runtime/image.rs)
+	erofs-utils
 )
 
 missing=()
@@ -54,10 +58,15 @@ done
 
 log "guest kernel"
 kernel=$(scripts/build-kernel.sh)
+log "guest agent initramfs"
+agent_initrd=$(rootfs/build-agent-initramfs.sh)
 log "test initramfs"
 initrd=$(rootfs/build-test-initramfs.sh)
+log "busybox rootfs"
+busybox_rootfs=$(rootfs/build-busybox-rootfs.sh)
 log "building skiff"
 cargo build --release --locked --quiet
-log "ready: kernel $kernel, initramfs $initrd"
+log "ready: kernel $kernel, agent initramfs $agent_initrd"
 
-printf 'export SKIFF_KERNEL=%q\nexport SKIFF_INITRD=%q\n' "$kernel" "$initrd" >&3
+printf 'export SKIFF_KERNEL=%q\nexport SKIFF_AGENT_INITRD=%q\nexport SKIFF_INITRD=%q\nexport SKIFF_BUSYBOX_ROOTFS=%q\n' \
+	"$kernel" "$agent_initrd" "$initrd" "$busybox_rootfs" >&3

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything CI checks: set-up, formatting, lints, then the whole test suite
-# (unit tests, tiny-guest KVM tests, and real boots of the guest kernel).
+# (unit tests, the guest agent against Unix sockets, tiny-guest KVM tests,
+# and real boots of the guest kernel, with and without containers).
 set -euo pipefail
 repo_root=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)
 cd "$repo_root"
@@ -8,5 +9,5 @@ cd "$repo_root"
 exports=$(scripts/setup.sh)
 eval "$exports"
 cargo fmt --all -- --check
-cargo clippy --locked --all-targets -- -D warnings
-cargo test --locked
+cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo test --locked --workspace

@@ -5,8 +5,10 @@
 //! (scripts/setup.sh prints them), otherwise from the build scripts, which
 //! return their cached results at once once built.
 
+mod common;
+
+use common::artifact;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -15,22 +17,6 @@ const MARKER: &str = "skiff-guest: hello from the microVM";
 /// Far above the ~1 minute a boot takes on a software-KVM host; only there to
 /// turn a hung guest into a failure instead of a stuck CI run.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
-
-fn artifact(env: &str, script: &str) -> PathBuf {
-    if let Ok(path) = std::env::var(env) {
-        return PathBuf::from(path);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join(script))
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("running {script}: {e}"));
-    assert!(
-        out.status.success(),
-        "{script} failed (run scripts/setup.sh first)"
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 struct Boot {
     status: std::process::ExitStatus,
@@ -62,7 +48,7 @@ fn console_text(lines: &[(Duration, String)]) -> String {
 }
 
 /// `skiff boot`'s default command line, for tests that add to it.
-const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 8250.nr_uarts=1 mitigations=off";
+const BASE_CMDLINE: &str = skiff::vmm::DEFAULT_CMDLINE;
 
 fn boot(args: &[&str]) -> Boot {
     let kernel = artifact("SKIFF_KERNEL", "scripts/build-kernel.sh");

@@ -1,19 +1,20 @@
-//! `skiff boot`: boot a kernel and stream its console, exiting when the guest does.
+//! `skiff boot`: boot a kernel and stream its console, exiting when the guest
+//! does; or, with `--bundle`, run an OCI bundle's process in the foreground
+//! with this process's stdio, exiting with its status.
 
 use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::{Args, ValueEnum};
 
-use super::signals::StopOnSignal;
+use super::signals::{ForwardSignals, StopOnSignal};
+use crate::runtime::foreground::{self, RunOptions};
+use crate::runtime::image::ImageFormat;
+use crate::runtime::sandbox::{Cancel, VmResources};
 use crate::vmm::{self, BootSource, ConsoleOutput, CpuProfile, MemorySize, Vm, VmConfig, VmExit};
 
-/// The microVM defaults: serial console, keyboard-controller reboot so a
-/// guest `reboot` ends the VM, one UART to probe, and no speculative-execution
-/// mitigations inside a guest that is already isolated by the hypervisor.
-/// Parameters the guest kernel does not know would be handed to its init as
-/// arguments, so there are none for features the skiff kernel leaves out.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 8250.nr_uarts=1 mitigations=off";
+/// Where root filesystem images are cached unless told otherwise.
+pub const DEFAULT_IMAGE_CACHE: &str = "/var/cache/skiff/images";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ProfileChoice {
@@ -26,13 +27,24 @@ pub enum ProfileChoice {
 #[derive(Debug, Args)]
 pub struct BootArgs {
     /// Kernel image: an uncompressed ELF vmlinux or a bzImage.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "SKIFF_KERNEL")]
     pub kernel: PathBuf,
-    /// Initial ramdisk (cpio archive, optionally compressed).
+    /// Initial ramdisk (cpio archive, optionally compressed). With --bundle,
+    /// the skiff agent's initramfs ($SKIFF_AGENT_INITRD when not given).
     #[arg(long, value_name = "FILE")]
     pub initrd: Option<PathBuf>,
+    /// Run this OCI bundle's process in the VM with this process's stdio,
+    /// and exit with its status.
+    #[arg(long, value_name = "DIR")]
+    pub bundle: Option<PathBuf>,
+    /// Filesystem of the root image made from the bundle's rootfs.
+    #[arg(long, default_value_t = ImageFormat::Erofs, requires = "bundle")]
+    pub image_format: ImageFormat,
+    /// Where root filesystem images are cached, by content.
+    #[arg(long, value_name = "DIR", env = "SKIFF_IMAGE_CACHE", default_value = DEFAULT_IMAGE_CACHE)]
+    pub image_cache: PathBuf,
     /// Kernel command line; replaces the default.
-    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    #[arg(long, default_value = vmm::DEFAULT_CMDLINE)]
     pub cmdline: String,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
@@ -43,7 +55,8 @@ pub struct BootArgs {
     /// CPUID profile the guest sees.
     #[arg(long, value_enum, default_value_t = ProfileChoice::Auto)]
     pub cpu_profile: ProfileChoice,
-    /// Write the guest console to this file instead of standard output.
+    /// Write the guest console to this file instead of standard output
+    /// (with --bundle the console is discarded unless this is given).
     #[arg(long, value_name = "FILE")]
     pub console: Option<PathBuf>,
     /// KVM device node.
@@ -51,7 +64,10 @@ pub struct BootArgs {
     pub kvm_device: PathBuf,
 }
 
-pub fn run(args: BootArgs) -> anyhow::Result<i32> {
+pub fn run(args: BootArgs, state_dir: PathBuf, debug: bool) -> anyhow::Result<i32> {
+    if let Some(bundle) = args.bundle.clone() {
+        return run_bundle(args, bundle, state_dir, debug);
+    }
     let mut config = VmConfig::new(BootSource::Linux {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -59,11 +75,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
     });
     config.vcpus = args.vcpus;
     config.memory = args.memory;
-    config.cpu_profile = match args.cpu_profile {
-        ProfileChoice::Auto => None,
-        ProfileChoice::Host => Some(CpuProfile::Host),
-        ProfileChoice::Baseline => Some(CpuProfile::Baseline),
-    };
+    config.cpu_profile = args.cpu_profile.profile();
     config.console = match args.console {
         Some(path) => ConsoleOutput::File(path),
         None => ConsoleOutput::Stdout,
@@ -81,5 +93,54 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
         VmExit::GuestPanic => bail!("the guest kernel panicked (its console says why)"),
         // As a shell reports a command killed by a signal.
         VmExit::Stopped => Ok(128 + received.try_recv().unwrap_or(libc::SIGTERM)),
+    }
+}
+
+impl ProfileChoice {
+    fn profile(self) -> Option<CpuProfile> {
+        match self {
+            ProfileChoice::Auto => None,
+            ProfileChoice::Host => Some(CpuProfile::Host),
+            ProfileChoice::Baseline => Some(CpuProfile::Baseline),
+        }
+    }
+}
+
+fn run_bundle(args: BootArgs, bundle: PathBuf, state_dir: PathBuf, debug: bool) -> anyhow::Result<i32> {
+    let initrd = match args
+        .initrd
+        .or_else(|| std::env::var_os("SKIFF_AGENT_INITRD").map(PathBuf::from))
+    {
+        Some(p) => p,
+        None => bail!("--bundle needs the agent initramfs: pass --initrd or set SKIFF_AGENT_INITRD"),
+    };
+    let cancel = Cancel::default();
+    let mut signals = ForwardSignals::start(cancel.clone())?;
+    let options = RunOptions {
+        bundle,
+        vm: VmResources {
+            kernel: args.kernel,
+            initrd,
+            vcpus: args.vcpus,
+            memory: args.memory,
+            cpu_profile: args.cpu_profile.profile(),
+            kvm_device: args.kvm_device,
+        },
+        image_format: args.image_format,
+        image_cache: args.image_cache,
+        state_dir,
+        console: args.console,
+        debug_guest: debug,
+    };
+    match foreground::run(options, &cancel, &mut signals) {
+        Ok(code) => Ok(code),
+        Err(_) if signals.cancelled_by().is_some() => Ok(128 + signals.cancelled_by().unwrap_or(0)),
+        Err(e) => {
+            // The status carries meaning (127: no such executable), so the
+            // error is reported here rather than as a generic failure.
+            tracing::debug!("{e}");
+            eprintln!("skiff: error: {e}");
+            Ok(e.exit_code())
+        }
     }
 }

@@ -34,13 +34,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Boot a kernel in a microVM with its console on standard output (a debugging aid).
+    /// Boot a kernel in a microVM with its console on standard output, or run
+    /// an OCI bundle in one in the foreground (debugging aids).
     Boot(boot::BootArgs),
 }
 
 /// Runs the command; the result is the process exit status.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
-        Command::Boot(args) => boot::run(args),
+        Command::Boot(args) => boot::run(args, cli.root, cli.debug),
     }
 }

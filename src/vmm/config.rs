@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use super::cpuid::CpuProfile;
+pub use super::devices::virtio::block::BlockConfig;
+pub use super::devices::virtio::vsock::VsockConfig;
 use super::error::{Error, Result};
 use super::layout::{self, CMDLINE_MAX_SIZE, HIMEM_START, IDENTITY_MAPPED, MIN_MEMORY, PAGE_SIZE};
 use super::x86_64::mptable::MAX_VCPUS;
@@ -61,6 +63,9 @@ pub struct VmConfig {
     pub boot: BootSource,
     pub console: ConsoleOutput,
     pub kvm_device: PathBuf,
+    /// virtio-blk disks, in order: the guest names them vda, vdb, ...
+    pub block_devices: Vec<BlockConfig>,
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -72,6 +77,8 @@ impl VmConfig {
             boot,
             console: ConsoleOutput::Null,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
+            block_devices: Vec::new(),
+            vsock: None,
         }
     }
 
@@ -108,6 +115,25 @@ impl VmConfig {
                     "memory {} exceeds the host's {}",
                     self.memory,
                     MemorySize(host)
+                )));
+            }
+        }
+        let devices = self.block_devices.len() + usize::from(self.vsock.is_some());
+        if devices > layout::MAX_VIRTIO_DEVICES {
+            return Err(Error::Config(format!(
+                "{devices} virtio devices requested, but at most {} fit",
+                layout::MAX_VIRTIO_DEVICES
+            )));
+        }
+        for disk in &self.block_devices {
+            check_file(&disk.path)
+                .map_err(|reason| Error::Device(format!("block device {}: {reason}", disk.path.display())))?;
+        }
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < super::devices::virtio::vsock::MIN_GUEST_CID {
+                return Err(Error::Config(format!(
+                    "vsock guest CID {} is reserved (use 3 or more)",
+                    v.guest_cid
                 )));
             }
         }

@@ -33,6 +33,8 @@ pub enum Error {
         hex(bytes)
     )]
     UnsupportedInstruction { vcpu: u8, rip: u64, bytes: Vec<u8> },
+    #[error("{0}")]
+    Device(String),
     #[error("vCPU {vcpu}: {reason}")]
     Vcpu { vcpu: u8, reason: String },
 }

@@ -33,6 +33,23 @@ pub const HIMEM_START: u64 = 0x10_0000;
 /// [`MMIO_GAP_START`, 4 GiB), guest RAM that would overlap it moves above 4 GiB.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 1 << 32;
+/// virtio-mmio windows, one page each, from here up (the IOAPIC and LAPIC
+/// sit at 0xfec0_0000 and 0xfee0_0000, far above).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// virtio devices get IOAPIC pins from here up: 0–4 are the PIT, keyboard,
+/// cascade and COM ports' ISA IRQs.
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
+/// As many virtio devices as there are IOAPIC pins (all wired by the MP table) for them.
+pub const MAX_VIRTIO_DEVICES: usize =
+    (super::x86_64::mptable::IOAPIC_PINS as u32 - VIRTIO_FIRST_IRQ) as usize;
+
+/// Where the `index`th virtio device lives: its MMIO base and its GSI.
+pub fn virtio_slot(index: usize) -> (u64, u32) {
+    (
+        VIRTIO_MMIO_BASE + index as u64 * 0x1000,
+        VIRTIO_FIRST_IRQ + index as u32,
+    )
+}
 
 /// Smallest guest a config may ask for. Linux itself needs more than this
 /// for a useful boot; the loaders check that the kernel and initrd fit.

@@ -33,16 +33,27 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-pub use config::{BootSource, ConsoleOutput, MemorySize, VmConfig};
+pub use config::{BlockConfig, BootSource, ConsoleOutput, MemorySize, VmConfig, VsockConfig};
 pub use cpuid::CpuProfile;
 pub use error::{Error, Result};
 
 use devices::pio::COM1_IRQ;
 use devices::triggers::IrqLine;
+use devices::virtio::block::Block;
+use devices::virtio::mmio::{MmioBus, MmioTransport, MMIO_WINDOW};
+use devices::virtio::vsock::Vsock;
+use devices::virtio::VirtioDevice;
 use devices::PioBus;
 use memory::GuestMemoryHost;
 use vcpu::{Vcpu, VcpuEnd};
 use x86_64::{linux, mptable, regs};
+
+/// The microVM defaults: serial console, keyboard-controller reboot so a
+/// guest `reboot` ends the VM, one UART to probe, and no speculative-execution
+/// mitigations inside a guest that is already isolated by the hypervisor.
+/// Parameters the guest kernel does not know would be handed to its init as
+/// arguments, so there are none for features the skiff kernel leaves out.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 8250.nr_uarts=1 mitigations=off";
 
 /// Where KVM puts the three pages of the real-mode TSS it needs on Intel;
 /// just below the BIOS area at the top of the 32-bit space, inside the MMIO gap.
@@ -67,6 +78,8 @@ pub enum VmExit {
 pub struct Vm {
     vcpus: Vec<Vcpu>,
     bus: Arc<PioBus>,
+    // Before the VM fd: device workers stop before the memory and VM go.
+    _mmio: Arc<MmioBus>,
     profile: CpuProfile,
     // Drop order matters: the VM fd goes before the memory it maps.
     _vm_fd: VmFd,
@@ -117,6 +130,29 @@ impl Vm {
             })
             .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
 
+        // Opened before the kernel is loaded so a bad disk or socket path is
+        // reported before any guest work; the guest finds them in this order.
+        let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        for disk in &config.block_devices {
+            virtio.push(Box::new(Block::open(disk)?));
+        }
+        if let Some(v) = &config.vsock {
+            virtio.push(Box::new(Vsock::new(v)?));
+        }
+        let mut mmio = MmioBus::default();
+        let mut device_args = Vec::new();
+        for (index, device) in virtio.into_iter().enumerate() {
+            let (base, gsi) = layout::virtio_slot(index);
+            device_args.push(format!(
+                "virtio_mmio.device={}K@{base:#x}:{gsi}",
+                MMIO_WINDOW >> 10
+            ));
+            mmio.add(
+                base,
+                MmioTransport::new(device, &vm_fd, memory.clone(), base, gsi)?,
+            );
+        }
+
         let cr3 = regs::write_boot_structures(&memory)?;
         mptable::write(&memory, config.vcpus).map_err(|e| Error::BootSetup(e.to_string()))?;
         let (entry, arg, all_vcpus_start) = match &config.boot {
@@ -125,7 +161,7 @@ impl Vm {
                 initrd,
                 cmdline,
             } => {
-                let cmdline = compose_cmdline(cmdline, profile);
+                let cmdline = compose_cmdline(cmdline, profile, &device_args);
                 tracing::debug!(%cmdline, "kernel command line");
                 let e = linux::load(&memory, mem_size, kernel, initrd.as_deref(), &cmdline)?;
                 (e.entry, e.zero_page, false)
@@ -178,14 +214,16 @@ impl Vm {
         // Last, so a VM that fails to build leaves no console file behind.
         let console = devices::console::open(config.console)?;
         let bus = Arc::new(PioBus::new(IrqLine(serial_evt), console));
+        let mmio = Arc::new(mmio);
         let vcpus = fds
             .into_iter()
             .enumerate()
-            .map(|(i, fd)| Vcpu::new(i as u8, fd, bus.clone(), memory.clone()))
+            .map(|(i, fd)| Vcpu::new(i as u8, fd, bus.clone(), mmio.clone(), memory.clone()))
             .collect();
         Ok(Vm {
             vcpus,
             bus,
+            _mmio: mmio,
             profile,
             _vm_fd: vm_fd,
             memory,
@@ -282,10 +320,10 @@ pub fn platform_args() -> Vec<String> {
     ]
 }
 
-/// The caller's command line plus the platform announcements and what the
-/// CPU profile needs. An argument the caller already gave (same key before `=`)
-/// is the caller's to decide.
-pub fn compose_cmdline(base: &str, profile: CpuProfile) -> String {
+/// The caller's command line plus the platform announcements, what the CPU
+/// profile needs, and the virtio devices. An argument the caller already gave
+/// (same key before `=`) is the caller's to decide; devices are always added.
+pub fn compose_cmdline(base: &str, profile: CpuProfile, devices: &[String]) -> String {
     let key = |arg: &str| arg.split('=').next().unwrap_or(arg).to_owned();
     let mut parts: Vec<String> = base.split_whitespace().map(str::to_owned).collect();
     let given: Vec<String> = parts.iter().map(|p| key(p)).collect();
@@ -297,6 +335,7 @@ pub fn compose_cmdline(base: &str, profile: CpuProfile) -> String {
             parts.push(arg);
         }
     }
+    parts.extend(devices.iter().cloned());
     parts.join(" ")
 }
 
@@ -408,23 +447,27 @@ mod tests {
         let clear = CpuProfile::Baseline.kernel_args()[1];
         assert!(clear.starts_with("clearcpuid=") && clear.contains("popcnt"));
         assert_eq!(
-            compose_cmdline("console=ttyS0", CpuProfile::Baseline),
+            compose_cmdline("console=ttyS0", CpuProfile::Baseline, &[]),
             format!("console=ttyS0 pvpanic_port=0x505 poweroff=kbd noxsave {clear}")
         );
         assert_eq!(
-            compose_cmdline("noxsave  quiet", CpuProfile::Baseline),
+            compose_cmdline("noxsave  quiet", CpuProfile::Baseline, &[]),
             format!("noxsave quiet pvpanic_port=0x505 poweroff=kbd {clear}")
         );
         assert_eq!(
-            compose_cmdline("console=ttyS0", CpuProfile::Host),
-            "console=ttyS0 pvpanic_port=0x505 poweroff=kbd"
+            compose_cmdline(
+                "console=ttyS0",
+                CpuProfile::Host,
+                &["virtio_mmio.device=4K@0xd0000000:5".into()]
+            ),
+            "console=ttyS0 pvpanic_port=0x505 poweroff=kbd virtio_mmio.device=4K@0xd0000000:5"
         );
     }
 
     #[test]
     fn the_callers_arguments_win() {
         assert_eq!(
-            compose_cmdline("clearcpuid=avx pvpanic_port=0", CpuProfile::Baseline),
+            compose_cmdline("clearcpuid=avx pvpanic_port=0", CpuProfile::Baseline, &[]),
             "clearcpuid=avx pvpanic_port=0 poweroff=kbd noxsave"
         );
     }

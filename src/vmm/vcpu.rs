@@ -9,6 +9,7 @@ use kvm_bindings::{KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYS
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
+use super::devices::virtio::mmio::MmioBus;
 use super::devices::{PioBus, PioOutcome};
 use super::emulation::{self, Assist};
 use super::error::{hex, Error};
@@ -69,6 +70,7 @@ pub struct Vcpu {
     pub index: u8,
     fd: VcpuFd,
     bus: Arc<PioBus>,
+    mmio: Arc<MmioBus>,
     mem: GuestMemoryHost,
     assists: u64,
 }
@@ -81,11 +83,12 @@ enum Next {
 }
 
 impl Vcpu {
-    pub fn new(index: u8, fd: VcpuFd, bus: Arc<PioBus>, mem: GuestMemoryHost) -> Self {
+    pub fn new(index: u8, fd: VcpuFd, bus: Arc<PioBus>, mmio: Arc<MmioBus>, mem: GuestMemoryHost) -> Self {
         Vcpu {
             index,
             fd,
             bus,
+            mmio,
             mem,
             assists: 0,
         }
@@ -119,7 +122,7 @@ impl Vcpu {
                 return VcpuEnd::Stopped;
             }
             let next = match self.fd.run() {
-                Ok(exit) => handle_exit(self.index, &self.bus, exit),
+                Ok(exit) => handle_exit(self.index, &self.bus, &self.mmio, exit),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
                     Next::Run
@@ -211,7 +214,7 @@ impl Vcpu {
     }
 }
 
-fn handle_exit(index: u8, bus: &PioBus, exit: VcpuExit<'_>) -> Next {
+fn handle_exit(index: u8, bus: &PioBus, mmio: &MmioBus, exit: VcpuExit<'_>) -> Next {
     match exit {
         VcpuExit::IoOut(port, data) => match bus.write(port, data) {
             PioOutcome::Continue => Next::Run,
@@ -223,6 +226,9 @@ fn handle_exit(index: u8, bus: &PioBus, exit: VcpuExit<'_>) -> Next {
             Next::Run
         }
         VcpuExit::MmioRead(addr, data) => {
+            if mmio.read(addr, data) {
+                return Next::Run;
+            }
             tracing::trace!(
                 vcpu = index,
                 addr = format_args!("{addr:#x}"),
@@ -231,7 +237,10 @@ fn handle_exit(index: u8, bus: &PioBus, exit: VcpuExit<'_>) -> Next {
             data.fill(0xff);
             Next::Run
         }
-        VcpuExit::MmioWrite(addr, _) => {
+        VcpuExit::MmioWrite(addr, data) => {
+            if mmio.write(addr, data) {
+                return Next::Run;
+            }
             tracing::trace!(
                 vcpu = index,
                 addr = format_args!("{addr:#x}"),

@@ -96,3 +96,22 @@ pub fn code_vm(code: Vec<u8>, console: &Console) -> VmConfig {
     config.console = console.output();
     config
 }
+
+/// A built artifact: the path in `env` when set (scripts/setup.sh prints
+/// them), otherwise what `script` prints, which returns its cached result at
+/// once once built.
+pub fn artifact(env: &str, script: &str) -> std::path::PathBuf {
+    if let Ok(path) = std::env::var(env) {
+        return path.into();
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(root.join(script))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("running {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} failed (run scripts/setup.sh first)"
+    );
+    String::from_utf8(out.stdout).unwrap().trim().into()
+}

@@ -1,0 +1,325 @@
+//! The protocol between skiff's host runtime and the agent that is PID 1 in
+//! the guest. Both sides build against this crate, so a message has exactly
+//! one definition.
+//!
+//! # Connections (virtio-vsock; the host is CID 2)
+//! - **control**: at boot the agent connects to host port [`CONTROL_PORT`]
+//!   and sends [`AgentMessage::Ready`]. Frames go both ways on it.
+//! - **streams**: for every process the host opens one connection per stdio
+//!   stream to guest port [`STREAM_PORT`], sends one [`StreamHello`] frame,
+//!   and from then on the connection carries that stream's raw bytes. End of
+//!   stdin is the host shutting down its writing half; end of output is the
+//!   agent shutting down its own.
+//!
+//! # Life of a container
+//! ```text
+//! agent → Ready{version}
+//! host  → CreateContainer{root, mounts, hostname, process}   (process id INIT_ID)
+//! agent → Created{id} | Failed{id, exit_code}
+//! host  ⇒ stream connections for INIT_ID (streams_for(process))
+//! host  → Start{id}
+//! agent → Started{id}
+//! host  → Signal{id, signal} / Exec{id, process} + streams + Start / ResizeTerminal
+//! agent → Exited{id, status}        (after that process's output is all sent)
+//! host  → Shutdown                  (after it has read every stream to its end)
+//! ```
+//! The agent powers the VM off after `Shutdown`, or when the control
+//! connection ends. Exits of INIT_ID end the container: the agent kills what
+//! is left, reports it, and waits for `Shutdown`.
+//!
+//! # Framing
+//! Each frame is a 4-byte big-endian length followed by that many bytes of
+//! JSON. A frame longer than [`MAX_FRAME`] is a protocol error.
+
+use std::io::{self, Read, Write};
+
+pub use oci_spec::runtime::{Mount, Process};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any change a peer built from an older copy would misread.
+pub const VERSION: u32 = 1;
+/// vsock's well-known CID of the host.
+pub const HOST_CID: u32 = 2;
+/// Host port the agent connects to for the control connection.
+pub const CONTROL_PORT: u32 = 1024;
+/// Guest port the agent accepts stdio stream connections on.
+pub const STREAM_PORT: u32 = 1025;
+/// The id of the container's own process (OCI `process`); exec'd processes
+/// get ids chosen by the host.
+pub const INIT_ID: &str = "init";
+/// Largest frame either side accepts: a process spec with a big environment
+/// fits many times over, a corrupted length prefix does not.
+pub const MAX_FRAME: u32 = 16 << 20;
+
+/// What the host asks of the agent.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HostMessage {
+    /// Mount the root filesystem and the OCI mounts, set the hostname,
+    /// switch root, and create the container's process ([`INIT_ID`]) stopped
+    /// before `execve`, waiting for `Start`.
+    CreateContainer(ContainerSpec),
+    /// Create a further process in the running container, waiting for `Start`.
+    Exec { id: String, process: Process },
+    /// Let a created process `execve`, once its streams are attached.
+    Start { id: String },
+    /// Deliver a signal to a process (to its process group for a terminal).
+    Signal { id: String, signal: i32 },
+    /// Set the window size of a process's terminal.
+    ResizeTerminal { id: String, rows: u16, cols: u16 },
+    /// The host has read everything it wants; the agent may power off.
+    Shutdown,
+}
+
+/// What the agent tells the host.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// First frame on the control connection.
+    Ready {
+        version: u32,
+        /// Guest time since boot (CLOCK_BOOTTIME), for start-up figures.
+        uptime_ms: u64,
+    },
+    /// The process exists and waits for `Start`.
+    Created {
+        id: String,
+        /// Its pid inside the guest.
+        pid: i32,
+        timings: Timings,
+    },
+    /// The process was released and is about to `execve`.
+    Started { id: String },
+    /// A request for `id` could not be carried out; nothing of it is left in
+    /// the guest. An empty id means the request itself was malformed.
+    Failed {
+        id: String,
+        error: String,
+        /// The status a shell would give for this failure: 127 for an
+        /// executable that does not exist, 126 for one that cannot run, 1
+        /// otherwise.
+        exit_code: i32,
+    },
+    /// The process ended and every byte of its output has been sent.
+    Exited {
+        id: String,
+        status: ExitStatus,
+        /// Why `execve` itself failed, when it did after `Start`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+/// How the container's environment is put together in the guest.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ContainerSpec {
+    pub root: RootDevice,
+    /// OCI `hostname`.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// OCI `mounts`, in order, relative to the new root.
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+    /// OCI `process`; it runs as [`INIT_ID`].
+    pub process: Process,
+}
+
+/// The block device holding the container's root filesystem image.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RootDevice {
+    /// Device node in the guest, e.g. `/dev/vda`.
+    pub device: String,
+    /// Filesystem type of the image (`erofs`, `ext4`).
+    pub fstype: String,
+    /// OCI `root.readonly`: the image is the root as is. Otherwise it is the
+    /// lower layer of an overlay whose upper layer is a guest tmpfs.
+    pub readonly: bool,
+}
+
+/// Which stdio stream a stream connection carries.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamKind {
+    /// Host → process. With a terminal: into the terminal.
+    Stdin,
+    /// Process → host. With a terminal: everything the terminal prints.
+    Stdout,
+    /// Process → host; absent with a terminal.
+    Stderr,
+}
+
+/// First frame on a stream connection.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct StreamHello {
+    pub id: String,
+    pub kind: StreamKind,
+}
+
+/// The streams a process has: a terminal merges stdout and stderr.
+pub fn streams_for(process: &Process) -> &'static [StreamKind] {
+    if process.terminal().unwrap_or(false) {
+        &[StreamKind::Stdin, StreamKind::Stdout]
+    } else {
+        &[StreamKind::Stdin, StreamKind::Stdout, StreamKind::Stderr]
+    }
+}
+
+/// How a process ended.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    /// It called `exit` with this code.
+    Code(i32),
+    /// This signal killed it.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The status as a shell reports it: the code, or 128 + the signal.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// Where the agent's preparation time went, in microseconds.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    /// Mounting the root filesystem (and overlay).
+    pub root_mount_us: u64,
+    /// The OCI mounts, hostname and switch of root.
+    pub mounts_us: u64,
+    /// Forking the process and setting it up, up to where it waits for `Start`.
+    pub process_us: u64,
+}
+
+/// Writes one frame.
+pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
+    let body = serde_json::to_vec(msg).map_err(io::Error::other)?;
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|&l| l <= MAX_FRAME)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "message too large for one frame"))?;
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(&body);
+    // One write: frames from two threads sharing a socket never interleave
+    // as long as each holds the writer's lock for the call.
+    w.write_all(&buf)?;
+    w.flush()
+}
+
+/// Reads one frame. `Ok(None)` is a clean end of the connection before a
+/// frame started; an end in the middle of one is an error.
+pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R) -> io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < len.len() {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let len = u32::from_be_bytes(len);
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds the {MAX_FRAME}-byte limit"),
+        ));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body)?;
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("malformed frame: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(msg: T) {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &msg).unwrap();
+        let mut r = &buf[..];
+        assert_eq!(read_frame::<_, T>(&mut r).unwrap(), Some(msg));
+        assert_eq!(read_frame::<_, T>(&mut r).unwrap(), None);
+    }
+
+    #[test]
+    fn messages_survive_a_round_trip() {
+        round_trip(AgentMessage::Ready {
+            version: VERSION,
+            uptime_ms: 5,
+        });
+        round_trip(AgentMessage::Exited {
+            id: INIT_ID.into(),
+            status: ExitStatus::Signal(15),
+            error: None,
+        });
+        round_trip(HostMessage::Signal {
+            id: "x".into(),
+            signal: 9,
+        });
+        round_trip(HostMessage::CreateContainer(ContainerSpec {
+            root: RootDevice {
+                device: "/dev/vda".into(),
+                fstype: "erofs".into(),
+                readonly: false,
+            },
+            hostname: Some("h".into()),
+            mounts: oci_spec::runtime::get_default_mounts(),
+            process: Process::default(),
+        }));
+        round_trip(StreamHello {
+            id: INIT_ID.into(),
+            kind: StreamKind::Stderr,
+        });
+    }
+
+    #[test]
+    fn wire_format_is_tagged_json_after_a_big_endian_length() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &HostMessage::Shutdown).unwrap();
+        assert_eq!(&buf[..4], &19u32.to_be_bytes());
+        assert_eq!(&buf[4..], br#"{"type":"shutdown"}"#);
+    }
+
+    #[test]
+    fn truncated_oversized_and_garbled_frames_are_errors() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &HostMessage::Shutdown).unwrap();
+        let mut short = &buf[..buf.len() - 1];
+        assert!(read_frame::<_, HostMessage>(&mut short).is_err());
+        let mut half_len = &buf[..2];
+        assert!(read_frame::<_, HostMessage>(&mut half_len).is_err());
+        let huge = (MAX_FRAME + 1).to_be_bytes();
+        let err = read_frame::<_, HostMessage>(&mut &huge[..]).unwrap_err();
+        assert!(err.to_string().contains("limit"), "{err}");
+        let mut garbled = 3u32.to_be_bytes().to_vec();
+        garbled.extend_from_slice(b"{x}");
+        let err = read_frame::<_, HostMessage>(&mut &garbled[..]).unwrap_err();
+        assert!(err.to_string().contains("malformed"), "{err}");
+    }
+
+    #[test]
+    fn exit_status_reads_like_a_shell() {
+        assert_eq!(ExitStatus::Code(3).shell_code(), 3);
+        assert_eq!(ExitStatus::Signal(15).shell_code(), 143);
+    }
+
+    #[test]
+    fn a_terminal_merges_output() {
+        let mut p = Process::default();
+        p.set_terminal(Some(true));
+        assert_eq!(streams_for(&p), &[StreamKind::Stdin, StreamKind::Stdout]);
+        p.set_terminal(Some(false));
+        assert_eq!(streams_for(&p).len(), 3);
+    }
+}

@@ -1,0 +1,215 @@
+//! Looking things up inside a container's rootfs from the host, the way the
+//! container will see them: symlinks are followed relative to the rootfs and
+//! never lead out of it.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+/// Linux's limit on symlinks followed in one lookup.
+const MAX_SYMLINKS: usize = 40;
+/// What `execvp` and runc search when the environment has no PATH.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The host path of the container path `path` (absolute, or relative to
+/// `/`), with every symlink resolved inside `root`.
+pub fn resolve_in_root(root: &Path, path: &Path) -> io::Result<PathBuf> {
+    let mut pending: VecDeque<OsString> = components(path);
+    let mut resolved: Vec<OsString> = Vec::new();
+    let mut hops = 0;
+    while let Some(part) = pending.pop_front() {
+        if part == ".." {
+            resolved.pop();
+            continue;
+        }
+        let candidate = resolved
+            .iter()
+            .fold(root.to_path_buf(), |p, c| p.join(c))
+            .join(&part);
+        let meta = std::fs::symlink_metadata(&candidate)?;
+        if !meta.file_type().is_symlink() {
+            resolved.push(part);
+            continue;
+        }
+        hops += 1;
+        if hops > MAX_SYMLINKS {
+            return Err(io::Error::from_raw_os_error(libc::ELOOP));
+        }
+        let target = std::fs::read_link(&candidate)?;
+        if target.is_absolute() {
+            resolved.clear();
+        }
+        for c in components(&target).into_iter().rev() {
+            pending.push_front(c);
+        }
+    }
+    Ok(resolved.iter().fold(root.to_path_buf(), |p, c| p.join(c)))
+}
+
+fn components(path: &Path) -> VecDeque<OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_owned()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The outcome of looking up a process's executable.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// The container path that will be executed.
+    Found(PathBuf),
+    /// Nothing there; the message says what was looked for.
+    NotFound(String),
+    /// Something there that cannot be executed.
+    NotExecutable(String),
+}
+
+/// Finds `program` as `execvp` in the container would: a name with a `/` is a
+/// path (relative to `cwd`), anything else is searched in the environment's PATH.
+pub fn find_executable(root: &Path, program: &str, env: &[String], cwd: &Path) -> Lookup {
+    if program.contains('/') {
+        let path = cwd.join(program);
+        return match check_executable(root, &path) {
+            Ok(()) => Lookup::Found(path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Lookup::NotFound(format!("{program}: no such file or directory in the container"))
+            }
+            Err(e) => Lookup::NotExecutable(format!("{program}: cannot be executed: {e}")),
+        };
+    }
+    let path_var = env
+        .iter()
+        .find_map(|kv| kv.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH);
+    let mut denied = None;
+    for dir in path_var.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(program);
+        match check_executable(root, &candidate) {
+            Ok(()) => return Lookup::Found(candidate),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => denied = Some(format!("{}: cannot be executed: {e}", candidate.display())),
+        }
+    }
+    match denied {
+        Some(message) => Lookup::NotExecutable(message),
+        None => Lookup::NotFound(format!(
+            "executable file `{program}` not found in $PATH ({path_var})"
+        )),
+    }
+}
+
+fn check_executable(root: &Path, path: &Path) -> io::Result<()> {
+    let host = resolve_in_root(root, path)?;
+    let meta = std::fs::metadata(&host)?;
+    if !meta.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(io::Error::from_raw_os_error(libc::EACCES));
+    }
+    Ok(())
+}
+
+/// One line of the container's /etc/passwd.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PasswdEntry {
+    pub name: String,
+    pub home: String,
+}
+
+/// The container's /etc/passwd entry for `uid`, if it has one.
+pub fn lookup_passwd(root: &Path, uid: u32) -> Option<PasswdEntry> {
+    let path = resolve_in_root(root, Path::new("/etc/passwd")).ok()?;
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        (f.len() >= 7 && f[2].parse() == Ok(uid)).then(|| PasswdEntry {
+            name: f[0].to_owned(),
+            home: f[5].to_owned(),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn rootfs() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("bin")).unwrap();
+        std::fs::create_dir_all(d.path().join("etc")).unwrap();
+        std::fs::write(d.path().join("bin/busybox"), b"#!").unwrap();
+        std::fs::set_permissions(
+            d.path().join("bin/busybox"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        symlink("/bin/busybox", d.path().join("bin/sh")).unwrap();
+        symlink("busybox", d.path().join("bin/cat")).unwrap();
+        std::fs::write(d.path().join("bin/data"), b"x").unwrap();
+        std::fs::write(
+            d.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
+        )
+        .unwrap();
+        d
+    }
+
+    #[test]
+    fn symlinks_resolve_inside_the_root() {
+        let r = rootfs();
+        assert_eq!(
+            resolve_in_root(r.path(), Path::new("/bin/sh")).unwrap(),
+            r.path().join("bin/busybox")
+        );
+        symlink("../../../../etc/shadow", r.path().join("bin/escape")).unwrap();
+        let escaped = resolve_in_root(r.path(), Path::new("/bin/escape"));
+        // Clamped at the root: it names <root>/etc/shadow, which does not exist.
+        assert_eq!(escaped.unwrap_err().kind(), io::ErrorKind::NotFound);
+        symlink("loop", r.path().join("bin/loop")).unwrap();
+        assert_eq!(
+            resolve_in_root(r.path(), Path::new("/bin/loop"))
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::ELOOP)
+        );
+    }
+
+    #[test]
+    fn executables_are_found_like_execvp() {
+        let r = rootfs();
+        let env = vec!["PATH=/usr/bin:/bin".to_owned()];
+        assert_eq!(
+            find_executable(r.path(), "cat", &env, Path::new("/")),
+            Lookup::Found("/bin/cat".into())
+        );
+        assert_eq!(
+            find_executable(r.path(), "/bin/sh", &env, Path::new("/")),
+            Lookup::Found("/bin/sh".into())
+        );
+        assert!(
+            matches!(find_executable(r.path(), "nope", &env, Path::new("/")), Lookup::NotFound(m) if m.contains("`nope`"))
+        );
+        assert!(matches!(
+            find_executable(r.path(), "/bin/data", &env, Path::new("/")),
+            Lookup::NotExecutable(_)
+        ));
+        assert!(matches!(
+            find_executable(r.path(), "./busybox", &[], Path::new("/bin")),
+            Lookup::Found(_)
+        ));
+    }
+
+    #[test]
+    fn passwd_entries_are_found_by_uid() {
+        let r = rootfs();
+        assert_eq!(lookup_passwd(r.path(), 1000).unwrap().home, "/home/user");
+        assert!(lookup_passwd(r.path(), 4242).is_none());
+    }
+}

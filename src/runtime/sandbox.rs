@@ -1,0 +1,475 @@
+//! A booted microVM with its agent on the line: the host end of the
+//! skiff protocol. The OCI commands and `skiff boot --bundle` are built on it.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use skiff_protocol::{
+    read_frame, write_frame, AgentMessage, ContainerSpec, HostMessage, Process, StreamHello, StreamKind,
+    Timings, CONTROL_PORT, STREAM_PORT, VERSION,
+};
+
+use super::error::RuntimeError;
+use crate::vmm::{
+    self, BlockConfig, BootSource, ConsoleOutput, CpuProfile, MemorySize, StopHandle, Vm, VmConfig, VmExit,
+    VsockConfig,
+};
+
+/// The guest's vsock CID. Every VM has its own device and host socket, so
+/// all of them can use the first unreserved one.
+const GUEST_CID: u32 = 3;
+/// How long the agent may take to power the VM off after `Shutdown`.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The machine a container gets, whatever it runs.
+#[derive(Clone, Debug)]
+pub struct VmResources {
+    pub kernel: PathBuf,
+    /// The agent's initramfs.
+    pub initrd: PathBuf,
+    pub vcpus: u8,
+    pub memory: MemorySize,
+    pub cpu_profile: Option<CpuProfile>,
+    pub kvm_device: PathBuf,
+}
+
+/// What the VM is made of.
+#[derive(Debug)]
+pub struct SandboxConfig {
+    pub vm: VmResources,
+    /// The container's root filesystem image, attached read-only as vda.
+    pub root_image: PathBuf,
+    /// A directory this sandbox creates for its sockets and removes again.
+    pub work_dir: PathBuf,
+    pub console: ConsoleOutput,
+    /// Added to the kernel command line (e.g. `skiff.debug`).
+    pub extra_cmdline: Vec<String>,
+}
+
+/// Something the sandbox has to report.
+#[derive(Debug)]
+pub enum Event {
+    Agent(AgentMessage),
+    /// The control connection ended.
+    AgentGone(String),
+    Vm(Result<VmExit, String>),
+}
+
+/// A running microVM whose agent said it is ready.
+pub struct Sandbox {
+    control: Arc<Mutex<UnixStream>>,
+    events: Receiver<Event>,
+    stop: StopHandle,
+    vm_thread: Option<JoinHandle<()>>,
+    reader: Option<JoinHandle<()>>,
+    uds_path: PathBuf,
+    work_dir: PathBuf,
+    vm_ended: Option<Result<VmExit, String>>,
+    /// When the VM started and when the agent said it was ready.
+    pub booted_at: Instant,
+    pub ready_at: Instant,
+    /// The agent's own count of milliseconds since the guest booted.
+    pub guest_uptime_ms: u64,
+}
+
+/// Cancels a boot in progress from another thread (a signal, say).
+#[derive(Clone, Default)]
+pub struct Cancel(Arc<std::sync::atomic::AtomicBool>);
+
+impl Cancel {
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Sandbox {
+    /// Boots the VM and waits for its agent.
+    pub fn boot(config: SandboxConfig, cancel: &Cancel) -> Result<Sandbox, RuntimeError> {
+        std::fs::create_dir_all(&config.work_dir)
+            .map_err(|e| RuntimeError::io(format!("creating {}", config.work_dir.display()), e))?;
+        // From here on a failure must remove the work dir again.
+        let guard = WorkDir(Some(config.work_dir.clone()));
+        let uds_path = config.work_dir.join("vsock.sock");
+        let control_path = port_path(&uds_path, CONTROL_PORT);
+        let listener = UnixListener::bind(&control_path)
+            .map_err(|e| RuntimeError::io(format!("binding {}", control_path.display()), e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| RuntimeError::io("control socket", e))?;
+
+        let mut cmdline = vmm::DEFAULT_CMDLINE.to_owned();
+        for extra in &config.extra_cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        let vm = config.vm;
+        let mut vm_config = VmConfig::new(BootSource::Linux {
+            kernel: vm.kernel,
+            initrd: Some(vm.initrd),
+            cmdline,
+        });
+        vm_config.vcpus = vm.vcpus;
+        vm_config.memory = vm.memory;
+        vm_config.cpu_profile = vm.cpu_profile;
+        vm_config.kvm_device = vm.kvm_device;
+        vm_config.console = config.console;
+        vm_config.block_devices = vec![BlockConfig {
+            path: config.root_image,
+            // One cached image serves every container made from the same
+            // rootfs; the guest writes to an overlay instead.
+            read_only: true,
+            id: "skiff-root".into(),
+        }];
+        vm_config.vsock = Some(VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: uds_path.clone(),
+        });
+
+        let vm = Vm::create(vm_config)?;
+        let booted_at = Instant::now();
+        let running = vm.start()?;
+        let stop = running.stop_handle();
+        let (tx, events) = mpsc::channel();
+        let vm_tx = tx.clone();
+        let vm_thread = std::thread::Builder::new()
+            .name("vm-wait".into())
+            .spawn(move || {
+                let _ = vm_tx.send(Event::Vm(running.wait().map_err(|e| e.to_string())));
+            })
+            .map_err(|e| RuntimeError::io("starting the VM thread", e))?;
+        let mut sandbox = Sandbox {
+            control: Arc::new(Mutex::new(placeholder_stream()?)),
+            events,
+            stop,
+            vm_thread: Some(vm_thread),
+            reader: None,
+            uds_path,
+            work_dir: guard.release(),
+            vm_ended: None,
+            booted_at,
+            ready_at: booted_at,
+            guest_uptime_ms: 0,
+        };
+        let mut control = sandbox.accept_agent(&listener, cancel)?;
+        drop(listener);
+        let _ = std::fs::remove_file(&control_path);
+        match read_frame::<_, AgentMessage>(&mut control) {
+            Ok(Some(AgentMessage::Ready { version, uptime_ms })) if version == VERSION => {
+                sandbox.ready_at = Instant::now();
+                sandbox.guest_uptime_ms = uptime_ms;
+            }
+            Ok(Some(AgentMessage::Ready { version, .. })) => {
+                return Err(RuntimeError::Agent(format!(
+                    "the guest agent speaks protocol version {version}, this skiff speaks {VERSION}: \
+                     rebuild the agent initramfs"
+                )))
+            }
+            Ok(other) => return Err(RuntimeError::Agent(format!("expected Ready, got {other:?}"))),
+            Err(e) => return Err(RuntimeError::Agent(format!("reading Ready: {e}"))),
+        }
+        let reader_stream = control
+            .try_clone()
+            .map_err(|e| RuntimeError::io("control socket", e))?;
+        sandbox.control = Arc::new(Mutex::new(control));
+        sandbox.reader = Some(
+            std::thread::Builder::new()
+                .name("agent-control".into())
+                .spawn(move || read_agent(reader_stream, tx))
+                .map_err(|e| RuntimeError::io("starting the agent reader", e))?,
+        );
+        Ok(sandbox)
+    }
+
+    fn accept_agent(&mut self, listener: &UnixListener, cancel: &Cancel) -> Result<UnixStream, RuntimeError> {
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream
+                        .set_nonblocking(false)
+                        .map_err(|e| RuntimeError::io("control socket", e))?;
+                    return Ok(stream);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(RuntimeError::io("accepting the agent's connection", e)),
+            }
+            if cancel.is_cancelled() {
+                return Err(RuntimeError::VmEnded("cancelled while booting".into()));
+            }
+            match self.events.recv_timeout(Duration::from_millis(20)) {
+                Ok(Event::Vm(end)) => {
+                    let what = describe_end(&end);
+                    self.vm_ended = Some(end);
+                    return Err(RuntimeError::VmEnded(format!(
+                        "{what} before its agent connected (the guest console shows why)"
+                    )));
+                }
+                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(RuntimeError::VmEnded("the VM thread is gone".into()))
+                }
+            }
+        }
+    }
+
+    /// Sends one message on the control connection.
+    pub fn send(&self, msg: &HostMessage) -> Result<(), RuntimeError> {
+        let mut control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        write_frame(&mut *control, msg).map_err(|e| RuntimeError::Agent(format!("sending {msg:?}: {e}")))
+    }
+
+    /// A handle that can send messages from another thread (signal forwarding).
+    pub fn sender(&self) -> ControlSender {
+        ControlSender(self.control.clone())
+    }
+
+    /// The next event, or `None` after `timeout`.
+    pub fn next_event(&mut self, timeout: Option<Duration>) -> Option<Event> {
+        let event = match timeout {
+            Some(t) => self.events.recv_timeout(t).ok(),
+            None => self.events.recv().ok(),
+        };
+        if let Some(Event::Vm(end)) = &event {
+            self.vm_ended = Some(end.clone());
+        }
+        event
+    }
+
+    /// Waits for the agent's answer about `id`, failing if the VM or agent
+    /// goes away first. Other messages (exits of other processes) are handed
+    /// to `other`.
+    pub fn expect(
+        &mut self,
+        id: &str,
+        mut other: impl FnMut(AgentMessage),
+    ) -> Result<AgentMessage, RuntimeError> {
+        loop {
+            match self.next_event(None) {
+                Some(Event::Agent(msg)) if message_id(&msg) == Some(id) => return Ok(msg),
+                Some(Event::Agent(msg)) => other(msg),
+                Some(Event::AgentGone(why)) => return Err(RuntimeError::Agent(why)),
+                Some(Event::Vm(end)) => return Err(RuntimeError::VmEnded(describe_end(&end))),
+                None => return Err(RuntimeError::Agent("the event channel closed".into())),
+            }
+        }
+    }
+
+    /// Prepares the container; on success its process waits for `start`.
+    pub fn create_container(&mut self, spec: ContainerSpec) -> Result<Created, RuntimeError> {
+        self.send(&HostMessage::CreateContainer(spec))?;
+        self.created(skiff_protocol::INIT_ID)
+    }
+
+    /// Prepares a further process in the running container.
+    pub fn exec(&mut self, id: &str, process: Process) -> Result<Created, RuntimeError> {
+        self.send(&HostMessage::Exec {
+            id: id.into(),
+            process,
+        })?;
+        self.created(id)
+    }
+
+    fn created(&mut self, id: &str) -> Result<Created, RuntimeError> {
+        match self.expect(id, |m| tracing::debug!(?m, "agent message while creating"))? {
+            AgentMessage::Created { pid, timings, .. } => Ok(Created { pid, timings }),
+            AgentMessage::Failed { error, exit_code, .. } => Err(RuntimeError::Exec {
+                message: error,
+                code: exit_code,
+            }),
+            other => Err(RuntimeError::Agent(format!(
+                "expected Created for {id}, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Opens the stdio streams of process `id`, in the order given.
+    pub fn attach(&self, id: &str, kinds: &[StreamKind]) -> Result<Vec<UnixStream>, RuntimeError> {
+        kinds
+            .iter()
+            .map(|&kind| {
+                let mut s = connect_guest_port(&self.uds_path, STREAM_PORT)?;
+                write_frame(&mut s, &StreamHello { id: id.into(), kind })
+                    .map_err(|e| RuntimeError::Agent(format!("opening the {kind:?} stream: {e}")))?;
+                Ok(s)
+            })
+            .collect()
+    }
+
+    /// Lets process `id` run.
+    pub fn start(&mut self, id: &str) -> Result<(), RuntimeError> {
+        self.send(&HostMessage::Start { id: id.into() })?;
+        match self.expect(id, |m| tracing::debug!(?m, "agent message while starting"))? {
+            AgentMessage::Started { .. } => Ok(()),
+            AgentMessage::Failed { error, exit_code, .. } => Err(RuntimeError::Exec {
+                message: error,
+                code: exit_code,
+            }),
+            // A process can exit before Started is read; the caller sees the exit next.
+            AgentMessage::Exited { .. } => Ok(()),
+            other => Err(RuntimeError::Agent(format!(
+                "expected Started for {id}, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Tells the agent the host is done, and waits for the VM to end.
+    pub fn shutdown(mut self) -> Result<VmExit, RuntimeError> {
+        let _ = self.send(&HostMessage::Shutdown);
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while self.vm_ended.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!("the guest did not power off after Shutdown; stopping it");
+                self.stop.stop();
+            }
+            let _ = self.next_event(Some(left.max(Duration::from_millis(100))));
+        }
+        match self.vm_ended.clone().expect("set above") {
+            Ok(end) => Ok(end),
+            Err(e) => Err(RuntimeError::VmEnded(e)),
+        }
+    }
+
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(t) = self.vm_thread.take() {
+            let _ = t.join();
+        }
+        // The control socket closes with the VM's vsock device; the reader then ends.
+        if let Ok(c) = self.control.lock() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(t) = self.reader.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.work_dir);
+    }
+}
+
+/// A process the agent created.
+#[derive(Debug, Clone, Copy)]
+pub struct Created {
+    pub pid: i32,
+    pub timings: Timings,
+}
+
+/// Sends control messages from any thread.
+#[derive(Clone)]
+pub struct ControlSender(Arc<Mutex<UnixStream>>);
+
+impl ControlSender {
+    pub fn send(&self, msg: &HostMessage) -> io::Result<()> {
+        let mut control = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        write_frame(&mut *control, msg)
+    }
+}
+
+fn read_agent(mut stream: UnixStream, tx: Sender<Event>) {
+    loop {
+        match read_frame::<_, AgentMessage>(&mut stream) {
+            Ok(Some(msg)) => {
+                tracing::debug!(?msg, "from the agent");
+                if tx.send(Event::Agent(msg)).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {
+                let _ = tx.send(Event::AgentGone("the agent closed the control connection".into()));
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Event::AgentGone(format!("reading from the agent: {e}")));
+                return;
+            }
+        }
+    }
+}
+
+fn message_id(msg: &AgentMessage) -> Option<&str> {
+    match msg {
+        AgentMessage::Ready { .. } => None,
+        AgentMessage::Created { id, .. }
+        | AgentMessage::Started { id }
+        | AgentMessage::Failed { id, .. }
+        | AgentMessage::Exited { id, .. } => Some(id),
+    }
+}
+
+pub fn describe_end(end: &Result<VmExit, String>) -> String {
+    match end {
+        Ok(VmExit::GuestReset) => "the guest powered off".into(),
+        Ok(VmExit::TripleFault) => "the guest crashed (triple fault)".into(),
+        Ok(VmExit::GuestPanic) => "the guest kernel panicked".into(),
+        Ok(VmExit::Stopped) => "the VM was stopped".into(),
+        Err(e) => format!("the VMM failed: {e}"),
+    }
+}
+
+/// `<socket>_<port>`: where a guest connection to host port `port` arrives.
+pub fn port_path(uds: &Path, port: u32) -> PathBuf {
+    PathBuf::from(format!("{}_{port}", uds.display()))
+}
+
+/// Connects to a guest port through the vsock device's host socket.
+pub fn connect_guest_port(uds: &Path, port: u32) -> Result<UnixStream, RuntimeError> {
+    let err = |e: io::Error| RuntimeError::Agent(format!("connecting to guest port {port}: {e}"));
+    let mut s = UnixStream::connect(uds).map_err(err)?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(err)?;
+    // Byte by byte: what follows the line is already the stream.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        match s.read(&mut byte).map_err(err)? {
+            0 => {
+                return Err(RuntimeError::Agent(format!(
+                    "guest port {port} refused the connection (nothing listens there)"
+                )))
+            }
+            _ => line.push(byte[0]),
+        }
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(RuntimeError::Agent(format!(
+            "unexpected answer to CONNECT {port}: {:?}",
+            String::from_utf8_lossy(&line)
+        )));
+    }
+    Ok(s)
+}
+
+/// A connected-but-unused stream to fill the control slot until the agent connects.
+fn placeholder_stream() -> Result<UnixStream, RuntimeError> {
+    UnixStream::pair()
+        .map(|(a, _)| a)
+        .map_err(|e| RuntimeError::io("socketpair", e))
+}
+
+/// Removes the directory unless released.
+struct WorkDir(Option<PathBuf>);
+
+impl WorkDir {
+    fn release(mut self) -> PathBuf {
+        self.0.take().expect("released once")
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! virtio-blk backed by a host file: reads, writes (unless read-only),
+//! flush and the device ID.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::worker::Worker;
+use super::{read_config_bytes, Activation, Interrupt, VirtioDevice};
+use crate::vmm::error::{Error, Result};
+use crate::vmm::memory::GuestMemoryHost;
+
+pub const SECTOR_SIZE: u64 = 512;
+const QUEUE_SIZE: u16 = 256;
+/// The request header the driver puts first: type, reserved, sector.
+const REQUEST_HEADER_LEN: usize = 16;
+/// How much of a request is staged in host memory at a time.
+const CHUNK: usize = 128 << 10;
+
+/// What the VMM is asked to attach.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Reported to the guest as the device's serial (`/sys/block/vdX/serial`).
+    pub id: String,
+}
+
+pub struct Block {
+    file: File,
+    read_only: bool,
+    capacity: u64,
+    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    config: [u8; 8],
+    worker: Option<Worker>,
+}
+
+impl Block {
+    pub fn open(config: &BlockConfig) -> Result<Block> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .open(&config.path)
+            .map_err(|e| block_error(&config.path, format!("cannot open: {e}")))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| block_error(&config.path, e.to_string()))?;
+        if !meta.is_file() {
+            return Err(block_error(&config.path, "is not a regular file".into()));
+        }
+        // A partial last sector cannot be addressed; the guest sees whole sectors.
+        let capacity = meta.len() / SECTOR_SIZE;
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let n = config.id.len().min(id.len());
+        id[..n].copy_from_slice(&config.id.as_bytes()[..n]);
+        Ok(Block {
+            file,
+            read_only: config.read_only,
+            capacity,
+            id,
+            config: capacity.to_le_bytes(),
+            worker: None,
+        })
+    }
+}
+
+fn block_error(path: &Path, reason: String) -> Error {
+    Error::Device(format!("block device {}: {reason}", path.display()))
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let ro = if self.read_only { 1 << VIRTIO_BLK_F_RO } else { 0 };
+        ro | 1 << VIRTIO_BLK_F_FLUSH
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, activation: Activation) -> io::Result<()> {
+        let Activation {
+            mem,
+            mut queues,
+            mut queue_events,
+            interrupt,
+            ..
+        } = activation;
+        let backend = Backend {
+            file: self.file.try_clone()?,
+            read_only: self.read_only,
+            capacity_bytes: self.capacity * SECTOR_SIZE,
+            id: self.id,
+        };
+        let (queue, event) = (queues.remove(0), queue_events.remove(0));
+        self.worker = Some(Worker::spawn("virtio-blk".into(), move |stop| {
+            if let Err(e) = serve(backend, mem, queue, event, interrupt, stop) {
+                tracing::error!("virtio-blk worker: {e}");
+            }
+        })?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.worker = None;
+    }
+}
+
+struct Backend {
+    file: File,
+    read_only: bool,
+    capacity_bytes: u64,
+    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+}
+
+fn serve(
+    mut backend: Backend,
+    mem: GuestMemoryHost,
+    mut queue: Queue,
+    event: EventFd,
+    interrupt: std::sync::Arc<Interrupt>,
+    stop: EventFd,
+) -> io::Result<()> {
+    const QUEUE: u64 = 0;
+    const STOP: u64 = 1;
+    let epoll = Epoll::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        event_fd(&event),
+        EpollEvent::new(EventSet::IN, QUEUE),
+    )?;
+    epoll.ctl(
+        ControlOperation::Add,
+        event_fd(&stop),
+        EpollEvent::new(EventSet::IN, STOP),
+    )?;
+    let mut events = vec![EpollEvent::default(); 2];
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                STOP => return Ok(()),
+                _ => {
+                    let _ = event.read();
+                    process_queue(&mut backend, &mem, &mut queue, &interrupt, &mut buf);
+                }
+            }
+        }
+    }
+}
+
+fn event_fd(evt: &EventFd) -> i32 {
+    use std::os::fd::AsRawFd;
+    evt.as_raw_fd()
+}
+
+fn process_queue(
+    backend: &mut Backend,
+    mem: &GuestMemoryHost,
+    queue: &mut Queue,
+    interrupt: &Interrupt,
+    buf: &mut [u8],
+) {
+    let mut used_any = false;
+    loop {
+        if queue.disable_notification(mem).is_err() {
+            return;
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let written = handle_request(backend, mem, chain, buf);
+            if let Err(e) = queue.add_used(mem, head, written) {
+                tracing::warn!("virtio-blk: returning a used buffer: {e:?}");
+            }
+            used_any = true;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            _ => break,
+        }
+    }
+    if used_any && queue.needs_notification(mem).unwrap_or(true) {
+        interrupt.signal_used();
+    }
+}
+
+/// Carries out one request; returns how many bytes it wrote into the
+/// chain (data plus the status byte), 0 for a chain too malformed to answer.
+fn handle_request(
+    backend: &mut Backend,
+    mem: &GuestMemoryHost,
+    chain: DescriptorChain<&GuestMemoryHost>,
+    buf: &mut [u8],
+) -> u32 {
+    let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader::<()>(mem), chain.writer::<()>(mem)) else {
+        tracing::warn!("virtio-blk: a descriptor chain points outside guest memory");
+        return 0;
+    };
+    let mut header = [0u8; REQUEST_HEADER_LEN];
+    let data_len = writer.available_bytes().saturating_sub(1);
+    if reader.read_exact(&mut header).is_err() || writer.available_bytes() == 0 {
+        tracing::warn!("virtio-blk: a request without header or status byte");
+        return 0;
+    }
+    let Ok(mut status_writer) = writer.split_at(data_len) else {
+        return 0;
+    };
+    let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+    let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    let result = match kind {
+        VIRTIO_BLK_T_IN => backend.read(sector, &mut writer, buf),
+        VIRTIO_BLK_T_OUT => backend.write(sector, &mut reader, buf),
+        VIRTIO_BLK_T_FLUSH => backend.file.sync_data().map_err(|e| e.to_string()),
+        VIRTIO_BLK_T_GET_ID => {
+            let n = writer.available_bytes().min(backend.id.len());
+            writer.write_all(&backend.id[..n]).map_err(|e| e.to_string())
+        }
+        other => Err(format!("unsupported request type {other}")),
+    };
+    let status = match (&result, kind) {
+        (Ok(()), _) => VIRTIO_BLK_S_OK,
+        (Err(_), VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_FLUSH | VIRTIO_BLK_T_GET_ID) => {
+            VIRTIO_BLK_S_IOERR
+        }
+        (Err(_), _) => VIRTIO_BLK_S_UNSUPP,
+    };
+    if let Err(e) = &result {
+        tracing::debug!(kind, sector, "virtio-blk request failed: {e}");
+    }
+    let _ = status_writer.write_all(&[status as u8]);
+    (writer.bytes_written() + 1) as u32
+}
+
+impl Backend {
+    /// The byte range a request of `len` bytes at `sector` covers, if it lies
+    /// inside the disk.
+    fn range(&self, sector: u64, len: usize) -> std::result::Result<u64, String> {
+        let start = sector
+            .checked_mul(SECTOR_SIZE)
+            .filter(|s| {
+                s.checked_add(len as u64)
+                    .is_some_and(|end| end <= self.capacity_bytes)
+            })
+            .ok_or_else(|| format!("{len} bytes at sector {sector} lie past the end of the disk"))?;
+        Ok(start)
+    }
+
+    fn read(&self, sector: u64, to: &mut Writer<'_>, buf: &mut [u8]) -> std::result::Result<(), String> {
+        let total = to.available_bytes();
+        let mut offset = self.range(sector, total)?;
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(buf.len());
+            self.file
+                .read_exact_at(&mut buf[..n], offset)
+                .map_err(|e| e.to_string())?;
+            to.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+            offset += n as u64;
+            left -= n;
+        }
+        Ok(())
+    }
+
+    fn write(&self, sector: u64, from: &mut Reader<'_>, buf: &mut [u8]) -> std::result::Result<(), String> {
+        if self.read_only {
+            return Err("write to a read-only disk".into());
+        }
+        let mut offset = self.range(sector, 0)?;
+        loop {
+            let n = from.read(buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Ok(());
+            }
+            self.range(sector, (offset - sector * SECTOR_SIZE) as usize + n)?;
+            self.file
+                .write_all_at(&buf[..n], offset)
+                .map_err(|e| e.to_string())?;
+            offset += n as u64;
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! virtio devices on the MMIO transport (virtio 1.x, "modern" only).
+//!
+//! A device implements [`VirtioDevice`]; the [`mmio::MmioTransport`] owns its
+//! registers and queues and hands them over at `DRIVER_OK`. Each device
+//! processes its queues on a worker thread of its own ([`worker`]), woken by
+//! ioeventfds KVM signals on queue notification, and interrupts the guest
+//! through an irqfd.
+
+pub mod block;
+pub mod mmio;
+pub mod vsock;
+pub mod worker;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::triggers::IrqLine;
+use crate::vmm::memory::GuestMemoryHost;
+
+/// Feature bit every device offers: the MMIO transport's version 2 requires it.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+/// A device's side of the interrupt: the status bits the driver reads and
+/// acknowledges, and the GSI raised through an irqfd.
+pub struct Interrupt {
+    status: AtomicU32,
+    line: IrqLine,
+}
+
+impl Interrupt {
+    pub fn new(line: IrqLine) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            line,
+        }
+    }
+
+    /// Tells the driver that a queue has new used buffers.
+    pub fn signal_used(&self) {
+        self.raise(VIRTIO_MMIO_INT_VRING);
+    }
+
+    /// Tells the driver the configuration space changed.
+    pub fn signal_config(&self) {
+        self.raise(VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.line.0.write(1) {
+            tracing::warn!("raising a virtio interrupt: {e}");
+        }
+    }
+
+    fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// What a device gets when the driver has set it up.
+pub struct Activation {
+    pub mem: GuestMemoryHost,
+    pub queues: Vec<Queue>,
+    /// One per queue, signalled when the driver notifies that queue.
+    pub queue_events: Vec<EventFd>,
+    pub interrupt: Arc<Interrupt>,
+    /// The features the driver accepted.
+    pub features: u64,
+}
+
+/// A virtio device behind the MMIO transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (`VIRTIO_ID_*`).
+    fn device_type(&self) -> u32;
+    /// The maximum size of each of its queues; the length is the queue count.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The feature bits it offers.
+    fn features(&self) -> u64;
+    /// Reads its configuration space; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes its configuration space. Most devices' config is read-only.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(
+            device = self.device_type(),
+            offset,
+            len = data.len(),
+            "config write ignored"
+        );
+    }
+    /// Starts processing the queues.
+    fn activate(&mut self, activation: Activation) -> std::io::Result<()>;
+    /// Stops processing and forgets the queues (the driver reset the device).
+    fn reset(&mut self);
+}
+
+/// Copies the slice of `config` that `offset`/`data` address; the rest reads as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - start);
+    data[..n].copy_from_slice(&config[start..start + n]);
+}
