@@ -139,6 +139,14 @@ impl ForwardSignals {
 
 impl SignalSource for ForwardSignals {
     fn forward(&mut self, forward: Box<dyn Fn(i32) + Send>) {
-        *self.handler.lock().unwrap_or_else(|p| p.into_inner()) = Some(forward);
+        let mut handler = self.handler.lock().unwrap_or_else(|p| p.into_inner());
+        // A signal that came after the boot (when cancelling was no longer
+        // possible) but before now is the container's to get.
+        let early = self.received.swap(0, Ordering::SeqCst);
+        if early != 0 {
+            tracing::debug!(signal = early, "forwarding a signal received during the start");
+            forward(early);
+        }
+        *handler = Some(forward);
     }
 }

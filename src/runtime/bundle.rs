@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::{Process, Spec};
 
 use super::error::RuntimeError;
-use super::resolve::{find_executable, lookup_passwd, Lookup};
+use super::resolve::{find_executable, lookup_passwd, resolve_in_root, Lookup};
 
 /// A bundle whose config.json parsed and whose rootfs and process make sense.
 #[derive(Debug)]
@@ -117,8 +117,11 @@ fn check_process(config: &Path, rootfs: &Path, process: &Process) -> Result<(), 
         Lookup::NotFound(message) => return Err(RuntimeError::Exec { message, code: 127 }),
         Lookup::NotExecutable(message) => return Err(RuntimeError::Exec { message, code: 126 }),
     }
+    // Images without /etc/passwd (scratch, static binaries) run any uid, as
+    // under runc; in one that has it, a uid it does not list is a mistake.
     let uid = process.user().uid();
-    if uid != 0 && lookup_passwd(rootfs, uid).is_none() {
+    let has_passwd = resolve_in_root(rootfs, Path::new("/etc/passwd")).is_ok_and(|p| p.is_file());
+    if uid != 0 && has_passwd && lookup_passwd(rootfs, uid).is_none() {
         return Err(invalid(
             config,
             "process.user.uid",

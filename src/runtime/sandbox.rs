@@ -1,6 +1,7 @@
 //! A booted microVM with its agent on the line: the host end of the
 //! skiff protocol. The OCI commands and `skiff boot --bundle` are built on it.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -64,6 +65,8 @@ pub enum Event {
 pub struct Sandbox {
     control: Arc<Mutex<UnixStream>>,
     events: Receiver<Event>,
+    /// Events read while waiting for something else, handed out first.
+    pending: VecDeque<Event>,
     stop: StopHandle,
     vm_thread: Option<JoinHandle<()>>,
     reader: Option<JoinHandle<()>>,
@@ -133,6 +136,9 @@ impl Sandbox {
             uds_path: uds_path.clone(),
         });
 
+        // Before the VM exists: from its start on, nothing may fail
+        // between starting it and owning it in a `Sandbox` that stops it.
+        let placeholder = placeholder_stream()?;
         let vm = Vm::create(vm_config)?;
         let booted_at = Instant::now();
         let running = vm.start()?;
@@ -144,10 +150,12 @@ impl Sandbox {
             .spawn(move || {
                 let _ = vm_tx.send(Event::Vm(running.wait().map_err(|e| e.to_string())));
             })
+            // Dropping the closure (and the VM in it) stops and joins the vCPUs.
             .map_err(|e| RuntimeError::io("starting the VM thread", e))?;
         let mut sandbox = Sandbox {
-            control: Arc::new(Mutex::new(placeholder_stream()?)),
+            control: Arc::new(Mutex::new(placeholder)),
             events,
+            pending: VecDeque::new(),
             stop,
             vm_thread: Some(vm_thread),
             reader: None,
@@ -230,11 +238,19 @@ impl Sandbox {
         ControlSender(self.control.clone())
     }
 
-    /// The next event, or `None` after `timeout`.
+    /// The next event, or `None` after `timeout`. Once every source of
+    /// events is gone, that is reported as the VM's end.
     pub fn next_event(&mut self, timeout: Option<Duration>) -> Option<Event> {
+        if let Some(event) = self.pending.pop_front() {
+            return Some(event);
+        }
         let event = match timeout {
-            Some(t) => self.events.recv_timeout(t).ok(),
-            None => self.events.recv().ok(),
+            Some(t) => match self.events.recv_timeout(t) {
+                Ok(e) => Some(e),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => Some(gone()),
+            },
+            None => Some(self.events.recv().unwrap_or_else(|_| gone())),
         };
         if let Some(Event::Vm(end)) = &event {
             self.vm_ended = Some(end.clone());
@@ -243,22 +259,25 @@ impl Sandbox {
     }
 
     /// Waits for the agent's answer about `id`, failing if the VM or agent
-    /// goes away first. Other messages (exits of other processes) are handed
-    /// to `other`.
-    pub fn expect(
-        &mut self,
-        id: &str,
-        mut other: impl FnMut(AgentMessage),
-    ) -> Result<AgentMessage, RuntimeError> {
-        loop {
+    /// goes away first. Other messages (exits of other processes, say) are
+    /// kept for `next_event`.
+    pub fn expect(&mut self, id: &str) -> Result<AgentMessage, RuntimeError> {
+        let mut other = Vec::new();
+        let result = loop {
             match self.next_event(None) {
-                Some(Event::Agent(msg)) if message_id(&msg) == Some(id) => return Ok(msg),
-                Some(Event::Agent(msg)) => other(msg),
-                Some(Event::AgentGone(why)) => return Err(RuntimeError::Agent(why)),
-                Some(Event::Vm(end)) => return Err(RuntimeError::VmEnded(describe_end(&end))),
-                None => return Err(RuntimeError::Agent("the event channel closed".into())),
+                Some(Event::Agent(msg)) if message_id(&msg) == Some(id) => break Ok(msg),
+                // The agent could not even read the request.
+                Some(Event::Agent(AgentMessage::Failed { id, error, .. })) if id.is_empty() => {
+                    break Err(RuntimeError::Agent(error))
+                }
+                Some(Event::Agent(msg)) => other.push(Event::Agent(msg)),
+                Some(Event::AgentGone(why)) => break Err(RuntimeError::Agent(why)),
+                Some(Event::Vm(end)) => break Err(RuntimeError::VmEnded(describe_end(&end))),
+                None => break Err(RuntimeError::Agent("no events".into())),
             }
-        }
+        };
+        self.pending.extend(other);
+        result
     }
 
     /// Prepares the container; on success its process waits for `start`.
@@ -277,7 +296,7 @@ impl Sandbox {
     }
 
     fn created(&mut self, id: &str) -> Result<Created, RuntimeError> {
-        match self.expect(id, |m| tracing::debug!(?m, "agent message while creating"))? {
+        match self.expect(id)? {
             AgentMessage::Created { pid, timings, .. } => Ok(Created { pid, timings }),
             AgentMessage::Failed { error, exit_code, .. } => Err(RuntimeError::Exec {
                 message: error,
@@ -305,14 +324,18 @@ impl Sandbox {
     /// Lets process `id` run.
     pub fn start(&mut self, id: &str) -> Result<(), RuntimeError> {
         self.send(&HostMessage::Start { id: id.into() })?;
-        match self.expect(id, |m| tracing::debug!(?m, "agent message while starting"))? {
+        match self.expect(id)? {
             AgentMessage::Started { .. } => Ok(()),
             AgentMessage::Failed { error, exit_code, .. } => Err(RuntimeError::Exec {
                 message: error,
                 code: exit_code,
             }),
-            // A process can exit before Started is read; the caller sees the exit next.
-            AgentMessage::Exited { .. } => Ok(()),
+            // Killed before it started (a forwarded signal): the caller
+            // waits for this exit, so it goes back to the front of the line.
+            exited @ AgentMessage::Exited { .. } => {
+                self.pending.push_front(Event::Agent(exited));
+                Ok(())
+            }
             other => Err(RuntimeError::Agent(format!(
                 "expected Started for {id}, got {other:?}"
             ))),
@@ -396,6 +419,10 @@ fn read_agent(mut stream: UnixStream, tx: Sender<Event>) {
             }
         }
     }
+}
+
+fn gone() -> Event {
+    Event::Vm(Err("the VM's thread is gone".into()))
 }
 
 fn message_id(msg: &AgentMessage) -> Option<&str> {

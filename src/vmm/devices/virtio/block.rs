@@ -102,7 +102,6 @@ impl VirtioDevice for Block {
             mut queues,
             mut queue_events,
             interrupt,
-            ..
         } = activation;
         let backend = Backend {
             file: self.file.try_clone()?,

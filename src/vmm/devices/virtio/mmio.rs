@@ -174,8 +174,9 @@ impl MmioTransport {
             }
             VIRTIO_MMIO_QUEUE_SEL => self.queue_select = value,
             VIRTIO_MMIO_QUEUE_NUM => {
-                if let Some(q) = self.selected_queue() {
-                    q.set_size(value as u16);
+                // A size that does not fit 16 bits is invalid, not a smaller size.
+                if let (Some(q), Ok(size)) = (self.selected_queue(), u16::try_from(value)) {
+                    q.set_size(size);
                 }
             }
             VIRTIO_MMIO_QUEUE_READY => {
@@ -262,7 +263,6 @@ impl MmioTransport {
             queues,
             queue_events: events,
             interrupt: self.interrupt.clone(),
-            features: self.driver_features,
         };
         match self.device.activate(activation) {
             Ok(()) => {
@@ -287,6 +287,9 @@ impl MmioTransport {
         self.status = 0;
         self.driver_features = 0;
         self.queue_select = 0;
+        self.device_features_select = 0;
+        self.driver_features_select = 0;
+        self.config_generation = 0;
         self.interrupt.acknowledge(u32::MAX);
     }
 }

@@ -14,7 +14,7 @@ pub mod worker;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -44,11 +44,6 @@ impl Interrupt {
         self.raise(VIRTIO_MMIO_INT_VRING);
     }
 
-    /// Tells the driver the configuration space changed.
-    pub fn signal_config(&self) {
-        self.raise(VIRTIO_MMIO_INT_CONFIG);
-    }
-
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.line.0.write(1) {
@@ -72,8 +67,6 @@ pub struct Activation {
     /// One per queue, signalled when the driver notifies that queue.
     pub queue_events: Vec<EventFd>,
     pub interrupt: Arc<Interrupt>,
-    /// The features the driver accepted.
-    pub features: u64,
 }
 
 /// A virtio device behind the MMIO transport.

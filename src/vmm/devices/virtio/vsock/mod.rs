@@ -7,7 +7,7 @@ pub mod packet;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueT};
@@ -68,10 +68,6 @@ impl Vsock {
             worker: None,
         })
     }
-
-    pub fn uds_path(&self) -> &Path {
-        &self.uds_path
-    }
 }
 
 impl Drop for Vsock {
@@ -121,7 +117,6 @@ fn serve(mut muxer: Muxer, activation: Activation, stop: EventFd) -> io::Result<
         mut queues,
         queue_events,
         interrupt,
-        ..
     } = activation;
     for (index, evt) in queue_events.iter().enumerate() {
         muxer.epoll().ctl(
@@ -136,10 +131,13 @@ fn serve(mut muxer: Muxer, activation: Activation, stop: EventFd) -> io::Result<
         EpollEvent::new(EventSet::IN, STOP_TOKEN),
     )?;
     let mut events = vec![EpollEvent::default(); 32];
+    // TX packets left in the ring while the muxer's reply backlog was full.
+    let mut tx_waiting = false;
     let mut payload = vec![0u8; MAX_PAYLOAD as usize];
     let mut packet = Vec::with_capacity(HEADER_LEN + MAX_PAYLOAD as usize);
     loop {
-        let n = match muxer.epoll().wait(-1, &mut events) {
+        // A periodic wake-up expires connections the guest never answered.
+        let n = match muxer.epoll().wait(1000, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
@@ -153,10 +151,16 @@ fn serve(mut muxer: Muxer, activation: Activation, stop: EventFd) -> io::Result<
                 }
                 t if t == TX as u64 => {
                     let _ = queue_events[TX].read();
-                    tx_used |= drain_tx(&mut muxer, &mem, &mut queues[TX], &mut payload);
+                    tx_waiting = true;
                 }
                 token => muxer.handle_event(token, ev.event_set()),
             }
+        }
+        muxer.expire_connecting(std::time::Instant::now());
+        if tx_waiting {
+            let (used, done) = drain_tx(&mut muxer, &mem, &mut queues[TX], &mut payload);
+            tx_used |= used;
+            tx_waiting = !done;
         }
         if tx_used && queues[TX].needs_notification(&mem).unwrap_or(true) {
             interrupt.signal_used();
@@ -166,15 +170,28 @@ fn serve(mut muxer: Muxer, activation: Activation, stop: EventFd) -> io::Result<
         {
             interrupt.signal_used();
         }
+        // Replies went out, so packets left waiting can be taken now.
+        if tx_waiting && muxer.accepts_guest_packets() {
+            let (used, done) = drain_tx(&mut muxer, &mem, &mut queues[TX], &mut payload);
+            tx_waiting = !done;
+            if used && queues[TX].needs_notification(&mem).unwrap_or(true) {
+                interrupt.signal_used();
+            }
+        }
     }
 }
 
-/// Hands every packet the guest queued to the muxer; true if any was used.
-fn drain_tx(muxer: &mut Muxer, mem: &GuestMemoryHost, queue: &mut Queue, payload: &mut [u8]) -> bool {
+/// Hands the packets the guest queued to the muxer, as long as it takes them.
+/// Returns whether any was used, and whether the ring was emptied (rather
+/// than left for when the muxer's replies have drained).
+fn drain_tx(muxer: &mut Muxer, mem: &GuestMemoryHost, queue: &mut Queue, payload: &mut [u8]) -> (bool, bool) {
     let mut used = false;
     loop {
         let _ = queue.disable_notification(mem);
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while muxer.accepts_guest_packets() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             match chain.reader::<()>(mem) {
                 Ok(mut reader) => {
@@ -199,8 +216,12 @@ fn drain_tx(muxer: &mut Muxer, mem: &GuestMemoryHost, queue: &mut Queue, payload
             let _ = queue.add_used(mem, head, 0);
             used = true;
         }
+        if !muxer.accepts_guest_packets() {
+            let _ = queue.enable_notification(mem);
+            return (used, false);
+        }
         if !matches!(queue.enable_notification(mem), Ok(true)) {
-            return used;
+            return (used, true);
         }
     }
 }

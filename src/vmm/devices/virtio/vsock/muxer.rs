@@ -15,6 +15,7 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -35,14 +36,25 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// `token - FD_TOKEN_BASE` is a socket fd.
 pub const FD_TOKEN_BASE: u64 = 16;
 const LISTENER_TOKEN: u64 = 8;
+/// Connections (established, connecting, or host sockets still sending
+/// `CONNECT`) one guest may hold; Firecracker's limit. Beyond it new ones are
+/// refused, so a guest cannot exhaust the host's fds.
+pub const MAX_CONNECTIONS: usize = 1023;
+/// Packets without payload waiting for RX buffers. A guest that floods TX
+/// while posting no RX buffers stops being served TX at this depth instead
+/// of growing the queue.
+pub const MAX_CONTROL_BACKLOG: usize = 1024;
+/// How long a guest may take to answer a host-initiated REQUEST. Generous:
+/// on a host that emulates guest kernel code, the answer is slow too.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection is identified by (host-side port, guest-side port).
 type Key = (u32, u32);
 
 #[derive(Debug, PartialEq, Eq)]
 enum State {
-    /// Host-initiated: REQUEST sent, waiting for the guest's RESPONSE.
-    Connecting,
+    /// Host-initiated: REQUEST sent at this time, waiting for the guest's RESPONSE.
+    Connecting(Instant),
     Established,
 }
 
@@ -160,6 +172,7 @@ pub struct Muxer {
     control: VecDeque<Control>,
     next_local_port: u32,
     scratch: Vec<u8>,
+    listener_paused: bool,
 }
 
 impl Muxer {
@@ -182,6 +195,7 @@ impl Muxer {
             control: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             scratch: vec![0u8; MAX_PAYLOAD as usize],
+            listener_paused: false,
         })
     }
 
@@ -209,6 +223,9 @@ impl Muxer {
             }
             if events.contains(EventSet::OUT) {
                 gone = conn.flush_to_host().is_err();
+                // A guest that closed its socket waits for our RST, which
+                // waited for its last bytes to reach the host.
+                gone |= conn.guest_done_sending && conn.guest_done_receiving && conn.to_host.is_empty();
             }
         }
         if gone {
@@ -238,12 +255,38 @@ impl Muxer {
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    if e.kind() != ErrorKind::WouldBlock {
-                        tracing::warn!("vsock: accepting a host connection: {e}");
-                    }
+                    // Out of fds, typically. The listener stays readable, so
+                    // listening stops until a connection goes away, instead
+                    // of spinning on the same error.
+                    tracing::warn!("vsock: accepting a host connection: {e}; pausing the listener");
+                    self.pause_listener();
                     return;
                 }
+            }
+        }
+    }
+
+    fn pause_listener(&mut self) {
+        if !self.listener_paused {
+            let fd = self.listener.as_raw_fd();
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            self.listener_paused = true;
+        }
+    }
+
+    fn resume_listener(&mut self) {
+        if self.listener_paused {
+            let ev = EpollEvent::new(EventSet::IN, LISTENER_TOKEN);
+            if self
+                .epoll
+                .ctl(ControlOperation::Add, self.listener.as_raw_fd(), ev)
+                .is_ok()
+            {
+                self.listener_paused = false;
             }
         }
     }
@@ -284,7 +327,11 @@ impl Muxer {
         let local = self.allocate_local_port();
         let key = (local, port);
         // The guest's credit is unknown until it answers; none until then.
-        let conn = Conn::new(p.stream, State::Connecting, &Header::default());
+        if self.conns.len() + self.pending.len() >= MAX_CONNECTIONS {
+            tracing::warn!("vsock: {MAX_CONNECTIONS} connections open; refusing another from the host");
+            return;
+        }
+        let conn = Conn::new(p.stream, State::Connecting(Instant::now()), &Header::default());
         if self.register(key, conn).is_ok() {
             self.control.push_back(Control::Conn {
                 key,
@@ -325,6 +372,7 @@ impl Muxer {
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
             self.by_fd.remove(&fd);
         }
+        self.resume_listener();
     }
 
     /// Drops a connection and tells the guest.
@@ -368,7 +416,7 @@ impl Muxer {
         conn.peer_buf_alloc = hdr.buf_alloc;
         conn.peer_fwd_cnt = hdr.fwd_cnt;
         match hdr.op {
-            OP_RESPONSE if conn.state == State::Connecting => {
+            OP_RESPONSE if matches!(conn.state, State::Connecting(_)) => {
                 conn.state = State::Established;
                 let ok = format!("OK {}\n", key.0);
                 conn.own_bytes += ok.len();
@@ -400,11 +448,15 @@ impl Muxer {
                 self.maybe_announce_credit(key);
             }
             OP_CREDIT_UPDATE => {}
-            OP_CREDIT_REQUEST => self.control.push_back(Control::Conn {
-                key,
-                op: OP_CREDIT_UPDATE,
-                flags: 0,
-            }),
+            OP_CREDIT_REQUEST => {
+                if !self.control_pending_for(key) {
+                    self.control.push_back(Control::Conn {
+                        key,
+                        op: OP_CREDIT_UPDATE,
+                        flags: 0,
+                    });
+                }
+            }
             OP_SHUTDOWN => {
                 conn.guest_done_sending |= hdr.flags & SHUTDOWN_SEND != 0;
                 conn.guest_done_receiving |= hdr.flags & SHUTDOWN_RCV != 0;
@@ -420,7 +472,12 @@ impl Muxer {
                     self.reset(key);
                 }
             }
-            OP_RST => self.remove(key),
+            OP_RST => {
+                // Whatever the host socket still takes now is delivered; a
+                // reset connection cannot wait for a slow reader.
+                let _ = conn.flush_to_host();
+                self.remove(key);
+            }
             op => {
                 tracing::debug!(?key, op, state = ?conn.state, "vsock: unexpected packet; resetting");
                 self.reset(key);
@@ -434,11 +491,16 @@ impl Muxer {
             self.reset_unknown(hdr);
             return;
         }
-        let path = format!("{}_{}", self.uds_path.display(), hdr.dst_port);
-        let stream = match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+        if self.conns.len() + self.pending.len() >= MAX_CONNECTIONS {
+            tracing::warn!("vsock: {MAX_CONNECTIONS} connections open; refusing another from the guest");
+            self.reset_unknown(hdr);
+            return;
+        }
+        let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), hdr.dst_port));
+        let stream = match connect_nonblocking(&path) {
             Ok(s) => s,
             Err(e) => {
-                tracing::debug!(path, "vsock: guest connection refused: {e}");
+                tracing::debug!(path = %path.display(), "vsock: guest connection refused: {e}");
                 self.reset_unknown(hdr);
                 return;
             }
@@ -541,7 +603,7 @@ impl Muxer {
         if capacity < HEADER_LEN || !self.has_packet_for_guest() {
             return false;
         }
-        if let Some(ctl) = self.control.pop_front() {
+        while let Some(ctl) = self.control.pop_front() {
             let hdr = match ctl {
                 Control::Reset(h) => h,
                 Control::Conn { key, op, flags } => match self.conns.get_mut(&key) {
@@ -550,7 +612,7 @@ impl Muxer {
                         header_for(self.guest_cid, key, conn, op, flags, 0)
                     }
                     // Gone since it was queued (e.g. reset); a RST followed.
-                    None => return self.next_packet_for_guest(capacity, out),
+                    None => continue,
                 },
             };
             tracing::trace!(?hdr, "vsock: to the guest");
@@ -578,6 +640,28 @@ impl Muxer {
         true
     }
 
+    /// Whether the guest's TX packets may be taken now: not while the replies
+    /// they could cause have nowhere to go.
+    pub fn accepts_guest_packets(&self) -> bool {
+        self.control.len() < MAX_CONTROL_BACKLOG
+    }
+
+    /// Resets host-initiated connections the guest never answered.
+    pub fn expire_connecting(&mut self, now: Instant) {
+        let stale: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(
+                |(_, c)| matches!(c.state, State::Connecting(t) if now.duration_since(t) >= CONNECT_TIMEOUT),
+            )
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stale {
+            tracing::debug!(?key, "vsock: the guest did not answer a connection in time");
+            self.reset(key);
+        }
+    }
+
     /// Open connections, for tests and diagnostics.
     pub fn connection_count(&self) -> usize {
         self.conns.len()
@@ -597,6 +681,44 @@ fn header_for(guest_cid: u64, key: Key, conn: &Conn, op: u16, flags: u32, len: u
         buf_alloc: CONN_BUF_ALLOC,
         fwd_cnt: conn.fwd_cnt,
     }
+}
+
+/// Connects without ever blocking the device's thread: a Unix socket whose
+/// listener's backlog is full answers EAGAIN at once instead of waiting.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(ErrorKind::InvalidInput, "socket path too long"));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a valid sockaddr_un and `len` does not exceed its size.
+    let ret = unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len as libc::socklen_t) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(fd))
 }
 
 fn parse_connect(line: &[u8]) -> Result<u32, String> {
@@ -755,6 +877,40 @@ mod tests {
             sent += data.len();
         }
         assert_eq!(sent, 1600);
+    }
+
+    #[test]
+    fn a_flood_of_replies_is_bounded_until_the_guest_takes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, _) = muxer(dir.path());
+        let mut n = 0;
+        while m.accepts_guest_packets() {
+            // Each asks for a port nobody listens on: one RST each.
+            m.handle_guest_packet(&guest(OP_REQUEST, 10_000 + n, 4242, 0), &[]);
+            n += 1;
+            assert!(n <= MAX_CONTROL_BACKLOG as u32);
+        }
+        assert_eq!(n as usize, MAX_CONTROL_BACKLOG);
+        assert_eq!(take(&mut m).unwrap().0.op, OP_RST);
+        assert!(m.accepts_guest_packets());
+    }
+
+    #[test]
+    fn an_unanswered_host_connection_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, path) = muxer(dir.path());
+        let mut host = UnixStream::connect(&path).unwrap();
+        host.write_all(b"CONNECT 1025\n").unwrap();
+        pump(&mut m);
+        pump(&mut m);
+        assert_eq!(take(&mut m).unwrap().0.op, OP_REQUEST);
+        m.expire_connecting(Instant::now());
+        assert_eq!(m.connection_count(), 1, "expired too early");
+        m.expire_connecting(Instant::now() + CONNECT_TIMEOUT);
+        assert_eq!(m.connection_count(), 0);
+        assert_eq!(take(&mut m).unwrap().0.op, OP_RST);
+        let mut buf = [0u8; 8];
+        assert_eq!(host.read(&mut buf).unwrap(), 0, "the host sees the end, never OK");
     }
 
     #[test]
