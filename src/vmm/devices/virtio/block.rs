@@ -301,3 +301,148 @@ impl Backend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const HEADER: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    const STATUS: u64 = 0x30_0000;
+
+    struct Disk {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        backend: Backend,
+        mem: GuestMemoryHost,
+    }
+
+    fn disk(read_only: bool) -> Disk {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![0xaau8; 8 * SECTOR_SIZE as usize]).unwrap();
+        let block = Block::open(&BlockConfig {
+            path: path.clone(),
+            read_only,
+            id: "test-disk".into(),
+        })
+        .unwrap();
+        let backend = Backend {
+            file: block.file.try_clone().unwrap(),
+            read_only,
+            capacity_bytes: block.capacity * SECTOR_SIZE,
+            id: block.id,
+        };
+        let mem = crate::vmm::memory::allocate(4 << 20).unwrap();
+        Disk {
+            _dir: dir,
+            path,
+            backend,
+            mem,
+        }
+    }
+
+    fn desc(addr: u64, len: u32, writable: bool) -> RawDescriptor {
+        let flags = if writable { VRING_DESC_F_WRITE as u16 } else { 0 };
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+    }
+
+    /// Runs one request; returns the used length and the status byte.
+    fn request(d: &mut Disk, kind: u32, sector: u64, data: Option<(u32, bool)>) -> (u32, u8) {
+        let mut header = [0u8; REQUEST_HEADER_LEN];
+        header[0..4].copy_from_slice(&kind.to_le_bytes());
+        header[8..16].copy_from_slice(&sector.to_le_bytes());
+        d.mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+        let mut descs = vec![desc(HEADER, REQUEST_HEADER_LEN as u32, false)];
+        if let Some((len, writable)) = data {
+            descs.push(desc(DATA, len, writable));
+        }
+        descs.push(desc(STATUS, 1, true));
+        let queue = MockSplitQueue::new(&d.mem, 16);
+        let chain = queue.build_desc_chain(&descs).unwrap();
+        let mut buf = vec![0u8; CHUNK];
+        let used = handle_request(&mut d.backend, &d.mem, chain, &mut buf);
+        (used, d.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap())
+    }
+
+    #[test]
+    fn writes_reach_the_file_and_read_back() {
+        let mut d = disk(false);
+        d.mem.write_slice(&[7u8; 1024], GuestAddress(DATA)).unwrap();
+        let (_, status) = request(&mut d, VIRTIO_BLK_T_OUT, 2, Some((1024, false)));
+        assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+        let file = std::fs::read(&d.path).unwrap();
+        assert!(file[1024..2048].iter().all(|&b| b == 7));
+        assert!(file[..1024].iter().all(|&b| b == 0xaa));
+
+        d.mem.write_slice(&[0u8; 1536], GuestAddress(DATA)).unwrap();
+        let (used, status) = request(&mut d, VIRTIO_BLK_T_IN, 1, Some((1536, true)));
+        assert_eq!((used, status), (1537, VIRTIO_BLK_S_OK as u8));
+        let mut back = [0u8; 1536];
+        d.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+        assert!(back[..512].iter().all(|&b| b == 0xaa));
+        assert!(back[512..].iter().all(|&b| b == 7));
+
+        assert_eq!(
+            request(&mut d, VIRTIO_BLK_T_FLUSH, 0, None).1,
+            VIRTIO_BLK_S_OK as u8
+        );
+    }
+
+    #[test]
+    fn a_read_only_disk_refuses_writes() {
+        let mut d = disk(true);
+        d.mem.write_slice(&[7u8; 512], GuestAddress(DATA)).unwrap();
+        let (_, status) = request(&mut d, VIRTIO_BLK_T_OUT, 0, Some((512, false)));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR as u8);
+        assert!(std::fs::read(&d.path).unwrap().iter().all(|&b| b == 0xaa));
+        assert_ne!(d_features(true) & (1 << VIRTIO_BLK_F_RO), 0);
+    }
+
+    fn d_features(read_only: bool) -> u64 {
+        let d = disk(read_only);
+        Block::open(&BlockConfig {
+            path: d.path.clone(),
+            read_only,
+            id: String::new(),
+        })
+        .unwrap()
+        .features()
+    }
+
+    #[test]
+    fn requests_past_the_end_fail_without_touching_the_file() {
+        let mut d = disk(false);
+        let (_, status) = request(&mut d, VIRTIO_BLK_T_IN, 7, Some((1024, true)));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR as u8);
+        let (_, status) = request(&mut d, VIRTIO_BLK_T_OUT, u64::MAX / 256, Some((512, false)));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(std::fs::metadata(&d.path).unwrap().len(), 8 * SECTOR_SIZE);
+    }
+
+    #[test]
+    fn device_id_and_unknown_requests() {
+        let mut d = disk(false);
+        let (_, status) = request(&mut d, VIRTIO_BLK_T_GET_ID, 0, Some((VIRTIO_BLK_ID_BYTES, true)));
+        assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+        let mut id = [0u8; 9];
+        d.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id, b"test-disk");
+        assert_eq!(request(&mut d, 99, 0, None).1, VIRTIO_BLK_S_UNSUPP as u8);
+    }
+
+    #[test]
+    fn a_chain_without_a_status_byte_is_not_answered() {
+        let mut d = disk(false);
+        let queue = MockSplitQueue::new(&d.mem, 16);
+        let chain = queue
+            .build_desc_chain(&[desc(HEADER, REQUEST_HEADER_LEN as u32, false)])
+            .unwrap();
+        let mut buf = vec![0u8; CHUNK];
+        assert_eq!(handle_request(&mut d.backend, &d.mem, chain, &mut buf), 0);
+    }
+}
