@@ -154,17 +154,34 @@ fn retry_on_host_defect(f: &Fixture, attempt: impl Fn(&Fixture)) {
     eprintln!("the host's exec defect killed a guest process (see the console); running the boot again");
     let _ = std::fs::remove_file(f.path("console.log"));
     let _ = std::fs::remove_file(f.path("skiff.log"));
+    // A first attempt that had to be killed may have left its run directory.
+    let _ = std::fs::remove_dir_all(f.path("state"));
+    std::fs::create_dir(f.path("state")).unwrap();
     attempt(f);
 }
 
-/// Kills a child that a failed attempt leaves running.
+/// Ends a child that a failed attempt leaves running: SIGTERM first, which
+/// skiff forwards to the container and then cleans up after; SIGKILL if
+/// that takes too long.
 struct KillOnDrop(Option<i32>);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child's.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        let Some(pid) = self.0 else { return };
+        // SAFETY: kill and waitpid have no memory-safety preconditions; the
+        // pid is our unreaped child's, and `status` is a valid local.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut status = 0;
+            while libc::waitpid(pid, &mut status, libc::WNOHANG) == 0 {
+                if Instant::now() > deadline {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, &mut status, 0);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
     }
 }
