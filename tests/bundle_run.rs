@@ -142,22 +142,24 @@ fn wait_with_timeout(child: Child, f: &Fixture) -> Output {
 /// own kernel reports it.
 const HOST_TLS_DEFECT: &str = "segfault at 0 ";
 
-/// Runs one boot's assertions; if they fail and the guest console shows the
-/// host defect above, runs them once more on a fresh VM. Any other failure,
-/// or the defect twice, fails the test.
+/// Runs one boot's assertions; while they fail with the guest console
+/// showing the host defect above, runs them again on a fresh VM, up to
+/// `ATTEMPTS` in all. Any other failure fails the test at once.
 fn retry_on_host_defect(f: &Fixture, attempt: impl Fn(&Fixture)) {
-    let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt(f)));
-    let Err(panic) = first else { return };
-    if !f.console().contains(HOST_TLS_DEFECT) {
-        std::panic::resume_unwind(panic);
+    const ATTEMPTS: usize = 3;
+    for tried in 1.. {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt(f)));
+        let Err(panic) = outcome else { return };
+        if tried == ATTEMPTS || !f.console().contains(HOST_TLS_DEFECT) {
+            std::panic::resume_unwind(panic);
+        }
+        eprintln!("the host's exec defect killed a guest process (see the console); running the boot again");
+        let _ = std::fs::remove_file(f.path("console.log"));
+        let _ = std::fs::remove_file(f.path("skiff.log"));
+        // A first attempt that had to be killed may have left its run directory.
+        let _ = std::fs::remove_dir_all(f.path("state"));
+        std::fs::create_dir(f.path("state")).unwrap();
     }
-    eprintln!("the host's exec defect killed a guest process (see the console); running the boot again");
-    let _ = std::fs::remove_file(f.path("console.log"));
-    let _ = std::fs::remove_file(f.path("skiff.log"));
-    // A first attempt that had to be killed may have left its run directory.
-    let _ = std::fs::remove_dir_all(f.path("state"));
-    std::fs::create_dir(f.path("state")).unwrap();
-    attempt(f);
 }
 
 /// Ends a child that a failed attempt leaves running: SIGTERM first, which
