@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::{Process, Spec};
 
 use super::error::RuntimeError;
-use super::resolve::{find_executable, lookup_passwd, resolve_in_root, Lookup};
+use super::resolve::{find_executable, lookup_passwd, resolve_in_root};
 
 /// A bundle whose config.json parsed and whose rootfs and process make sense.
 #[derive(Debug)]
@@ -112,10 +112,11 @@ fn check_process(config: &Path, rootfs: &Path, process: &Process) -> Result<(), 
         ));
     }
     let env = process.env().as_deref().unwrap_or_default();
-    match find_executable(rootfs, program, env, process.cwd()) {
-        Lookup::Found(_) => {}
-        Lookup::NotFound(message) => return Err(RuntimeError::Exec { message, code: 127 }),
-        Lookup::NotExecutable(message) => return Err(RuntimeError::Exec { message, code: 126 }),
+    if let Err(e) = find_executable(rootfs, program, env, process.cwd()) {
+        return Err(RuntimeError::Exec {
+            message: e.message,
+            code: e.exit_code,
+        });
     }
     // Images without /etc/passwd (scratch, static binaries) run any uid, as
     // under runc; in one that has it, a uid it does not list is a mistake.

@@ -5,13 +5,12 @@
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
+
+use skiff_protocol::exec_lookup::{self, Candidate, LookupError};
 
 /// Linux's limit on symlinks followed in one lookup.
 const MAX_SYMLINKS: usize = 40;
-/// What `execvp` and runc search when the environment has no PATH.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The host path of the container path `path` (absolute, or relative to
 /// `/`), with every symlink resolved inside `root`.
@@ -58,61 +57,19 @@ fn components(path: &Path) -> VecDeque<OsString> {
         .collect()
 }
 
-/// The outcome of looking up a process's executable.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Lookup {
-    /// The container path that will be executed.
-    Found(PathBuf),
-    /// Nothing there; the message says what was looked for.
-    NotFound(String),
-    /// Something there that cannot be executed.
-    NotExecutable(String),
-}
-
-/// Finds `program` as `execvp` in the container would: a name with a `/` is a
-/// path (relative to `cwd`), anything else is searched in the environment's PATH.
-pub fn find_executable(root: &Path, program: &str, env: &[String], cwd: &Path) -> Lookup {
-    if program.contains('/') {
-        let path = cwd.join(program);
-        return match check_executable(root, &path) {
-            Ok(()) => Lookup::Found(path),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                Lookup::NotFound(format!("{program}: no such file or directory in the container"))
-            }
-            Err(e) => Lookup::NotExecutable(format!("{program}: cannot be executed: {e}")),
-        };
-    }
-    let path_var = env
-        .iter()
-        .find_map(|kv| kv.strip_prefix("PATH="))
-        .unwrap_or(DEFAULT_PATH);
-    let mut denied = None;
-    for dir in path_var.split(':').filter(|d| !d.is_empty()) {
-        let candidate = Path::new(dir).join(program);
-        match check_executable(root, &candidate) {
-            Ok(()) => return Lookup::Found(candidate),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => denied = Some(format!("{}: cannot be executed: {e}", candidate.display())),
-        }
-    }
-    match denied {
-        Some(message) => Lookup::NotExecutable(message),
-        None => Lookup::NotFound(format!(
-            "executable file `{program}` not found in $PATH ({path_var})"
-        )),
-    }
-}
-
-fn check_executable(root: &Path, path: &Path) -> io::Result<()> {
-    let host = resolve_in_root(root, path)?;
-    let meta = std::fs::metadata(&host)?;
-    if !meta.is_file() {
-        return Err(io::Error::other("not a regular file"));
-    }
-    if meta.permissions().mode() & 0o111 == 0 {
-        return Err(io::Error::from_raw_os_error(libc::EACCES));
-    }
-    Ok(())
+/// Finds `program` as the agent will in the VM (one algorithm for both,
+/// [`exec_lookup::find_executable`]), looking at the rootfs from the host
+/// with its symlinks confined to it. Returns the container path.
+pub fn find_executable(
+    root: &Path,
+    program: &str,
+    env: &[String],
+    cwd: &Path,
+) -> Result<PathBuf, LookupError> {
+    let path = exec_lookup::path_from_env(env);
+    exec_lookup::find_executable(program, cwd, path, |p| {
+        resolve_in_root(root, p).map_or(Candidate::Missing, |host| Candidate::at(&host))
+    })
 }
 
 /// One line of the container's /etc/passwd.
@@ -138,7 +95,7 @@ pub fn lookup_passwd(root: &Path, uid: u32) -> Option<PasswdEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::symlink;
+    use std::os::unix::fs::{symlink, PermissionsExt};
 
     fn rootfs() -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
@@ -185,25 +142,14 @@ mod tests {
     fn executables_are_found_like_execvp() {
         let r = rootfs();
         let env = vec!["PATH=/usr/bin:/bin".to_owned()];
-        assert_eq!(
-            find_executable(r.path(), "cat", &env, Path::new("/")),
-            Lookup::Found("/bin/cat".into())
-        );
-        assert_eq!(
-            find_executable(r.path(), "/bin/sh", &env, Path::new("/")),
-            Lookup::Found("/bin/sh".into())
-        );
-        assert!(
-            matches!(find_executable(r.path(), "nope", &env, Path::new("/")), Lookup::NotFound(m) if m.contains("`nope`"))
-        );
-        assert!(matches!(
-            find_executable(r.path(), "/bin/data", &env, Path::new("/")),
-            Lookup::NotExecutable(_)
-        ));
-        assert!(matches!(
-            find_executable(r.path(), "./busybox", &[], Path::new("/bin")),
-            Lookup::Found(_)
-        ));
+        let find = |name, cwd| find_executable(r.path(), name, &env, Path::new(cwd));
+        assert_eq!(find("cat", "/"), Ok("/bin/cat".into()));
+        assert_eq!(find("/bin/sh", "/"), Ok("/bin/sh".into()));
+        let missing = find("nope", "/").unwrap_err();
+        assert_eq!(missing.exit_code, 127);
+        assert!(missing.message.contains("`nope`"), "{}", missing.message);
+        assert_eq!(find("/bin/data", "/").unwrap_err().exit_code, 126);
+        assert!(find("./busybox", "/bin").is_ok());
     }
 
     #[test]

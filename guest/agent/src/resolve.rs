@@ -2,76 +2,16 @@
 //! unusable one is a `Failed` with a shell's exit code instead of a child
 //! that dies after `Start`.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+use skiff_protocol::exec_lookup::{find_executable, Candidate};
+pub use skiff_protocol::exec_lookup::{path_from_env, LookupError, DEFAULT_PATH};
 
-/// Why an executable cannot be used, with the status a shell would give.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResolveError {
-    pub message: String,
-    pub exit_code: i32,
-}
-
-impl ResolveError {
-    fn new(exit_code: i32, message: String) -> Self {
-        ResolveError { message, exit_code }
-    }
-}
-
-/// The value of `PATH` in an environment list of `NAME=value` strings.
-pub fn path_from_env(env: &[String]) -> &str {
-    env.iter()
-        .rev()
-        .find_map(|e| e.strip_prefix("PATH="))
-        .unwrap_or(DEFAULT_PATH)
-}
-
-/// Resolves `name` like a shell does: a name with a `/` is a path (relative
-/// ones against `cwd`); any other is looked up in `path`. `root` is where
-/// the container's `/` is in the agent's view (`/` after the switch of
-/// root); the result is a path in the agent's view.
-pub fn resolve(root: &Path, name: &str, cwd: &Path, path: &str) -> Result<PathBuf, ResolveError> {
-    if name.is_empty() {
-        return Err(ResolveError::new(
-            127,
-            "executable file `` not found in $PATH".into(),
-        ));
-    }
-    if name.contains('/') {
-        let full = in_root(root, &cwd.join(name));
-        return match check(&full) {
-            Candidate::Executable => Ok(full),
-            Candidate::Missing => Err(ResolveError::new(
-                127,
-                format!("{name}: no such file or directory"),
-            )),
-            Candidate::Directory => Err(ResolveError::new(126, format!("{name}: is a directory"))),
-            Candidate::NotExecutable => Err(ResolveError::new(126, format!("{name}: permission denied"))),
-        };
-    }
-    let mut unusable = None;
-    for dir in path.split(':') {
-        // An empty entry means the working directory, as in POSIX shells.
-        let dir = if dir.is_empty() { cwd } else { Path::new(dir) };
-        let full = in_root(root, &cwd.join(dir).join(name));
-        match check(&full) {
-            Candidate::Executable => return Ok(full),
-            Candidate::NotExecutable if unusable.is_none() => unusable = Some(dir.join(name)),
-            _ => {}
-        }
-    }
-    match unusable {
-        Some(found) => Err(ResolveError::new(
-            126,
-            format!("{}: permission denied", found.display()),
-        )),
-        None => Err(ResolveError::new(
-            127,
-            format!("executable file `{name}` not found in $PATH"),
-        )),
-    }
+/// Resolves `name` as [`find_executable`] does, in the container whose `/`
+/// is at `root` in the agent's view (`/` after the switch of root); the
+/// result is a path in the agent's view.
+pub fn resolve(root: &Path, name: &str, cwd: &Path, path: &str) -> Result<PathBuf, LookupError> {
+    find_executable(name, cwd, path, |p| Candidate::at(&in_root(root, p))).map(|p| in_root(root, &p))
 }
 
 /// `path` (absolute in the container) as seen from the agent.
@@ -82,28 +22,11 @@ pub fn in_root(root: &Path, path: &Path) -> PathBuf {
     }
 }
 
-enum Candidate {
-    Missing,
-    Directory,
-    NotExecutable,
-    Executable,
-}
-
-fn check(path: &Path) -> Candidate {
-    match std::fs::metadata(path) {
-        Err(_) => Candidate::Missing,
-        Ok(m) if m.is_dir() => Candidate::Directory,
-        // Root, which the agent is, may run anything with one x bit set;
-        // the container's user is checked by execve itself.
-        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Candidate::Executable,
-        Ok(_) => Candidate::NotExecutable,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
     struct Dir(PathBuf);
     impl Drop for Dir {

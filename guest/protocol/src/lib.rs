@@ -31,6 +31,8 @@
 //! Each frame is a 4-byte big-endian length followed by that many bytes of
 //! JSON. A frame longer than [`MAX_FRAME`] is a protocol error.
 
+pub mod exec_lookup;
+
 use std::io::{self, Read, Write};
 
 pub use oci_spec::runtime::{Mount, Process};
