@@ -8,6 +8,7 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 
 use skiff_protocol::exec_lookup::{self, Candidate, LookupError};
+use skiff_protocol::passwd::{self, PasswdEntry};
 
 /// Linux's limit on symlinks followed in one lookup.
 const MAX_SYMLINKS: usize = 40;
@@ -72,24 +73,10 @@ pub fn find_executable(
     })
 }
 
-/// One line of the container's /etc/passwd.
-#[derive(Debug, PartialEq, Eq)]
-pub struct PasswdEntry {
-    pub name: String,
-    pub home: String,
-}
-
 /// The container's /etc/passwd entry for `uid`, if it has one.
 pub fn lookup_passwd(root: &Path, uid: u32) -> Option<PasswdEntry> {
     let path = resolve_in_root(root, Path::new("/etc/passwd")).ok()?;
-    let text = std::fs::read_to_string(path).ok()?;
-    text.lines().find_map(|line| {
-        let f: Vec<&str> = line.split(':').collect();
-        (f.len() >= 7 && f[2].parse() == Ok(uid)).then(|| PasswdEntry {
-            name: f[0].to_owned(),
-            home: f[5].to_owned(),
-        })
-    })
+    passwd::entry_for(&std::fs::read_to_string(path).ok()?, uid)
 }
 
 #[cfg(test)]

@@ -10,14 +10,9 @@ pub fn home_of(path: &Path, uid: u32) -> Option<String> {
 }
 
 fn home_in(text: &str, uid: u32) -> Option<String> {
-    text.lines().find_map(|line| {
-        // name:password:uid:gid:gecos:home:shell
-        let fields: Vec<&str> = line.split(':').collect();
-        if fields.len() < 7 || fields[2].parse::<u32>().ok()? != uid || fields[5].is_empty() {
-            return None;
-        }
-        Some(fields[5].to_string())
-    })
+    skiff_protocol::passwd::entry_for(text, uid)
+        .map(|e| e.home)
+        .filter(|home| !home.is_empty())
 }
 
 #[cfg(test)]

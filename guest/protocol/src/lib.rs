@@ -32,6 +32,7 @@
 //! JSON. A frame longer than [`MAX_FRAME`] is a protocol error.
 
 pub mod exec_lookup;
+pub mod passwd;
 
 use std::io::{self, Read, Write};
 
