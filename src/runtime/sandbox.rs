@@ -229,8 +229,9 @@ impl Sandbox {
 
     /// Sends one message on the control connection.
     pub fn send(&self, msg: &HostMessage) -> Result<(), RuntimeError> {
-        let mut control = self.control.lock().unwrap_or_else(|p| p.into_inner());
-        write_frame(&mut *control, msg).map_err(|e| RuntimeError::Agent(format!("sending {msg:?}: {e}")))
+        self.sender()
+            .send(msg)
+            .map_err(|e| RuntimeError::Agent(format!("sending {msg:?}: {e}")))
     }
 
     /// A handle that can send messages from another thread (signal forwarding).

@@ -201,8 +201,8 @@ fn process_queue(
             _ => break,
         }
     }
-    if used_any && queue.needs_notification(mem).unwrap_or(true) {
-        interrupt.signal_used();
+    if used_any {
+        interrupt.used_buffers(queue, mem);
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::triggers::IrqLine;
@@ -42,6 +42,14 @@ impl Interrupt {
     /// Tells the driver that a queue has new used buffers.
     pub fn signal_used(&self) {
         self.raise(VIRTIO_MMIO_INT_VRING);
+    }
+
+    /// Interrupts the driver for `queue` after the device used buffers
+    /// there, unless the driver asked not to be.
+    pub fn used_buffers(&self, queue: &mut Queue, mem: &GuestMemoryHost) {
+        if queue.needs_notification(mem).unwrap_or(true) {
+            self.signal_used();
+        }
     }
 
     fn raise(&self, bit: u32) {

@@ -162,20 +162,18 @@ fn serve(mut muxer: Muxer, activation: Activation, stop: EventFd) -> io::Result<
             tx_used |= used;
             tx_waiting = !done;
         }
-        if tx_used && queues[TX].needs_notification(&mem).unwrap_or(true) {
-            interrupt.signal_used();
+        if tx_used {
+            interrupt.used_buffers(&mut queues[TX], &mem);
         }
-        if fill_rx(&mut muxer, &mem, &mut queues[RX], &mut packet)
-            && queues[RX].needs_notification(&mem).unwrap_or(true)
-        {
-            interrupt.signal_used();
+        if fill_rx(&mut muxer, &mem, &mut queues[RX], &mut packet) {
+            interrupt.used_buffers(&mut queues[RX], &mem);
         }
         // Replies went out, so packets left waiting can be taken now.
         if tx_waiting && muxer.accepts_guest_packets() {
             let (used, done) = drain_tx(&mut muxer, &mem, &mut queues[TX], &mut payload);
             tx_waiting = !done;
-            if used && queues[TX].needs_notification(&mem).unwrap_or(true) {
-                interrupt.signal_used();
+            if used {
+                interrupt.used_buffers(&mut queues[TX], &mem);
             }
         }
     }

@@ -378,15 +378,8 @@ impl Muxer {
     /// Drops a connection and tells the guest.
     fn reset(&mut self, key: Key) {
         self.remove(key);
-        self.control.push_back(Control::Reset(Header {
-            src_cid: HOST_CID,
-            dst_cid: self.guest_cid,
-            src_port: key.0,
-            dst_port: key.1,
-            kind: TYPE_STREAM,
-            op: OP_RST,
-            ..Header::default()
-        }));
+        self.control
+            .push_back(Control::Reset(reset_header(self.guest_cid, key.0, key.1)));
     }
 
     /// One packet the guest put on the TX queue.
@@ -518,15 +511,11 @@ impl Muxer {
     }
 
     fn reset_unknown(&mut self, hdr: &Header) {
-        self.control.push_back(Control::Reset(Header {
-            src_cid: HOST_CID,
-            dst_cid: hdr.src_cid,
-            src_port: hdr.dst_port,
-            dst_port: hdr.src_port,
-            kind: TYPE_STREAM,
-            op: OP_RST,
-            ..Header::default()
-        }));
+        self.control.push_back(Control::Reset(reset_header(
+            hdr.src_cid,
+            hdr.dst_port,
+            hdr.src_port,
+        )));
     }
 
     fn maybe_announce_credit(&mut self, key: Key) {
@@ -665,6 +654,19 @@ impl Muxer {
     /// Open connections, for tests and diagnostics.
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+}
+
+/// A RST from host port `host_port` to `guest_port` of `guest_cid`.
+fn reset_header(guest_cid: u64, host_port: u32, guest_port: u32) -> Header {
+    Header {
+        src_cid: HOST_CID,
+        dst_cid: guest_cid,
+        src_port: host_port,
+        dst_port: guest_port,
+        kind: TYPE_STREAM,
+        op: OP_RST,
+        ..Header::default()
     }
 }
 
