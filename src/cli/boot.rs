@@ -97,7 +97,7 @@ pub fn run(args: BootArgs, state_dir: PathBuf, debug: bool) -> anyhow::Result<i3
 }
 
 impl ProfileChoice {
-    fn profile(self) -> Option<CpuProfile> {
+    pub fn profile(self) -> Option<CpuProfile> {
         match self {
             ProfileChoice::Auto => None,
             ProfileChoice::Host => Some(CpuProfile::Host),

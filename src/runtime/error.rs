@@ -20,6 +20,15 @@ pub enum RuntimeError {
     /// The microVM ended before the container did.
     #[error("the microVM ended unexpectedly: {0}")]
     VmEnded(String),
+    /// The state store refused (an id in use, a status that does not allow it).
+    #[error("{0}")]
+    State(String),
+    /// No container has this id.
+    #[error("container does not exist")]
+    NotFound(String),
+    /// A hook failed (OCI `hooks`).
+    #[error("{0}")]
+    Hook(String),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
 }

@@ -1,12 +1,9 @@
 //! Runs a bundle's process in a microVM with this process's stdio, and
 //! returns its exit status: `skiff boot --bundle`.
 
-use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::Instant;
 
 use skiff_protocol::{
@@ -16,6 +13,7 @@ use skiff_protocol::{
 use super::bundle::Bundle;
 use super::error::RuntimeError;
 use super::image::{self, ImageFormat};
+use super::relay::{self, OutputMeter};
 use super::sandbox::{describe_end, Cancel, ControlSender, Event, Sandbox, SandboxConfig, VmResources};
 use crate::vmm::ConsoleOutput;
 
@@ -84,6 +82,7 @@ pub fn run(
         },
         hostname: bundle.spec.hostname().clone(),
         mounts: bundle.spec.mounts().clone().unwrap_or_default(),
+        files: Vec::new(),
         process: process.clone(),
     };
     let created = match sandbox.create_container(spec) {
@@ -101,9 +100,9 @@ pub fn run(
     let mut outputs = Vec::new();
     for (kind, stream) in kinds.iter().zip(streams) {
         match kind {
-            StreamKind::Stdin => spawn_stdin(stream)?,
-            StreamKind::Stdout => outputs.push(spawn_output(stream, io::stdout(), meter.clone())?),
-            StreamKind::Stderr => outputs.push(spawn_output(stream, io::stderr(), meter.clone())?),
+            StreamKind::Stdin => relay::input(io::stdin(), stream)?,
+            StreamKind::Stdout => outputs.push(relay::output(stream, io::stdout(), Some(meter.clone()))?),
+            StreamKind::Stderr => outputs.push(relay::output(stream, io::stderr(), Some(meter.clone()))?),
         }
     }
     let sender: ControlSender = sandbox.sender();
@@ -111,6 +110,7 @@ pub fn run(
         let _ = sender.send(&HostMessage::Signal {
             id: INIT_ID.into(),
             signal,
+            all: false,
         });
     }));
     let t_start = Instant::now();
@@ -146,7 +146,7 @@ pub fn run(
         process_ms = created.timings.process_us as f64 / 1000.0,
         create_ms = ms(t_ready, t_created),
         start_to_first_output_ms = meter.first.get().map(|t| ms(t_start, *t)),
-        output_bytes = meter.bytes.load(Ordering::Relaxed),
+        output_bytes = meter.bytes(),
         output_mib_per_s = meter.throughput_mib_s(),
         start_to_exit_ms = ms(t_start, t_exit),
         total_ms = ms(t0, Instant::now()),
@@ -154,81 +154,4 @@ pub fn run(
         "container finished"
     );
     Ok(status.shell_code())
-}
-
-fn spawn_stdin(mut stream: UnixStream) -> Result<(), RuntimeError> {
-    // Detached: a read of our stdin may block forever, and must not keep
-    // the process from exiting once the container has.
-    std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            let mut stdin = io::stdin().lock();
-            let mut buf = vec![0u8; 64 << 10];
-            loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if stream.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-            let _ = stream.shutdown(std::net::Shutdown::Write);
-        })
-        .map(drop)
-        .map_err(|e| RuntimeError::io("starting the stdin relay", e))
-}
-
-/// When the process's output started and ended, and how much there was.
-#[derive(Default)]
-struct OutputMeter {
-    first: OnceLock<Instant>,
-    last: Mutex<Option<Instant>>,
-    bytes: AtomicU64,
-}
-
-impl OutputMeter {
-    fn record(&self, n: usize) {
-        let now = Instant::now();
-        let _ = self.first.set(now);
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
-        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    /// Output rate between the first and the last byte; only meaningful for
-    /// output large enough to take a while.
-    fn throughput_mib_s(&self) -> Option<f64> {
-        let first = *self.first.get()?;
-        let last = (*self.last.lock().unwrap_or_else(|p| p.into_inner()))?;
-        let secs = (last - first).as_secs_f64();
-        (secs > 0.01).then(|| self.bytes.load(Ordering::Relaxed) as f64 / (1 << 20) as f64 / secs)
-    }
-}
-
-fn spawn_output(
-    mut stream: UnixStream,
-    mut to: impl Write + Send + 'static,
-    meter: Arc<OutputMeter>,
-) -> Result<JoinHandle<()>, RuntimeError> {
-    std::thread::Builder::new()
-        .name("output".into())
-        .spawn(move || {
-            let mut buf = vec![0u8; 64 << 10];
-            loop {
-                match stream.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        meter.record(n);
-                        if to.write_all(&buf[..n]).and_then(|()| to.flush()).is_err() {
-                            // Our reader went away; keep draining so the guest is not blocked.
-                            continue;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
-        })
-        .map_err(|e| RuntimeError::io("starting an output relay", e))
 }

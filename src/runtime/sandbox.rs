@@ -68,6 +68,7 @@ pub struct Sandbox {
     /// Events read while waiting for something else, handed out first.
     pending: VecDeque<Event>,
     stop: StopHandle,
+    pause: vmm::PauseHandle,
     vm_thread: Option<JoinHandle<()>>,
     reader: Option<JoinHandle<()>>,
     uds_path: PathBuf,
@@ -143,6 +144,7 @@ impl Sandbox {
         let booted_at = Instant::now();
         let running = vm.start()?;
         let stop = running.stop_handle();
+        let pause = running.pause_handle();
         let (tx, events) = mpsc::channel();
         let vm_tx = tx.clone();
         let vm_thread = std::thread::Builder::new()
@@ -157,6 +159,7 @@ impl Sandbox {
             events,
             pending: VecDeque::new(),
             stop,
+            pause,
             vm_thread: Some(vm_thread),
             reader: None,
             uds_path,
@@ -311,15 +314,14 @@ impl Sandbox {
 
     /// Opens the stdio streams of process `id`, in the order given.
     pub fn attach(&self, id: &str, kinds: &[StreamKind]) -> Result<Vec<UnixStream>, RuntimeError> {
-        kinds
-            .iter()
-            .map(|&kind| {
-                let mut s = connect_guest_port(&self.uds_path, STREAM_PORT)?;
-                write_frame(&mut s, &StreamHello { id: id.into(), kind })
-                    .map_err(|e| RuntimeError::Agent(format!("opening the {kind:?} stream: {e}")))?;
-                Ok(s)
-            })
-            .collect()
+        self.streams().attach(id, kinds)
+    }
+
+    /// Opens stdio streams from any thread.
+    pub fn streams(&self) -> StreamOpener {
+        StreamOpener {
+            uds_path: self.uds_path.clone(),
+        }
     }
 
     /// Lets process `id` run.
@@ -364,6 +366,28 @@ impl Sandbox {
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()
     }
+
+    /// Pauses and resumes the VM from any thread.
+    pub fn pause_handle(&self) -> vmm::PauseHandle {
+        self.pause.clone()
+    }
+
+    /// Freezes the whole microVM (every process in it, the agent included):
+    /// returns once no vCPU runs guest code. Pausing a paused sandbox does
+    /// nothing. The agent answers nothing until `resume`.
+    pub fn pause(&self) -> Result<(), RuntimeError> {
+        self.pause
+            .pause()
+            .map_err(|_| RuntimeError::VmEnded("it cannot be paused".into()))
+    }
+
+    /// Lets a paused microVM go on where it was. Resuming a running sandbox
+    /// does nothing.
+    pub fn resume(&self) -> Result<(), RuntimeError> {
+        self.pause
+            .resume()
+            .map_err(|_| RuntimeError::VmEnded("it cannot be resumed".into()))
+    }
 }
 
 impl Drop for Sandbox {
@@ -380,6 +404,27 @@ impl Drop for Sandbox {
             let _ = t.join();
         }
         let _ = std::fs::remove_dir_all(&self.work_dir);
+    }
+}
+
+/// Opens a process's stdio streams through the VM's vsock socket.
+#[derive(Clone)]
+pub struct StreamOpener {
+    uds_path: PathBuf,
+}
+
+impl StreamOpener {
+    /// Opens the stdio streams of process `id`, in the order given.
+    pub fn attach(&self, id: &str, kinds: &[StreamKind]) -> Result<Vec<UnixStream>, RuntimeError> {
+        kinds
+            .iter()
+            .map(|&kind| {
+                let mut s = connect_guest_port(&self.uds_path, STREAM_PORT)?;
+                write_frame(&mut s, &StreamHello { id: id.into(), kind })
+                    .map_err(|e| RuntimeError::Agent(format!("opening the {kind:?} stream: {e}")))?;
+                Ok(s)
+            })
+            .collect()
     }
 }
 
@@ -426,13 +471,14 @@ fn gone() -> Event {
     Event::Vm(Err("the VM's thread is gone".into()))
 }
 
-fn message_id(msg: &AgentMessage) -> Option<&str> {
+pub fn message_id(msg: &AgentMessage) -> Option<&str> {
     match msg {
         AgentMessage::Ready { .. } => None,
         AgentMessage::Created { id, .. }
         | AgentMessage::Started { id }
         | AgentMessage::Failed { id, .. }
-        | AgentMessage::Exited { id, .. } => Some(id),
+        | AgentMessage::Exited { id, .. }
+        | AgentMessage::Processes { id, .. } => Some(id),
     }
 }
 

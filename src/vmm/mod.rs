@@ -5,6 +5,9 @@
 //!   .start()          → one thread per vCPU
 //!   .wait()           → how the guest ended
 //! ```
+//!
+//! While it runs, a `StopHandle` ends it and a `PauseHandle` freezes and
+//! thaws its vCPUs, from any thread.
 
 pub mod config;
 pub mod cpuid;
@@ -19,7 +22,6 @@ pub mod x86_64;
 
 use std::ffi::CString;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -31,11 +33,11 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::Killable;
 
 pub use config::{BlockConfig, BootSource, ConsoleOutput, MemorySize, VmConfig, VsockConfig};
 pub use cpuid::CpuProfile;
 pub use error::{Error, Result};
+pub use vcpu::NotRunning;
 
 use devices::pio::COM1_IRQ;
 use devices::triggers::IrqLine;
@@ -45,7 +47,7 @@ use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use devices::PioBus;
 use memory::GuestMemoryHost;
-use vcpu::{Vcpu, VcpuEnd};
+use vcpu::{Vcpu, VcpuControl, VcpuEnd};
 use x86_64::{linux, mptable, regs};
 
 /// The microVM defaults: serial console, keyboard-controller reboot so a
@@ -243,11 +245,10 @@ impl Vm {
     pub fn start(mut self) -> Result<RunningVm> {
         vcpu::install_kick_handler().map_err(Error::KickHandler)?;
         let (events, receiver) = channel();
-        let stop = Arc::new(AtomicBool::new(false));
         let vcpus = std::mem::take(&mut self.vcpus);
         let mut running = RunningVm {
             threads: Vec::with_capacity(vcpus.len()),
-            stop,
+            control: Arc::new(VcpuControl::new(vcpus.len())),
             events,
             receiver,
             started: Instant::now(),
@@ -255,14 +256,14 @@ impl Vm {
         };
         for vcpu in vcpus {
             let index = vcpu.index;
-            let stop = running.stop.clone();
+            let control = running.control.clone();
             let events = running.events.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .stack_size(VCPU_STACK_SIZE)
                 .spawn(move || {
                     // A panic must still be reported, or `wait` would wait forever.
-                    let end = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run(&stop)))
+                    let end = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run(&control)))
                         .unwrap_or_else(|_| {
                             VcpuEnd::Failed(Error::Vcpu {
                                 vcpu: index,
@@ -363,10 +364,34 @@ impl StopHandle {
     }
 }
 
+/// Freezes and thaws a running VM's vCPUs, from any thread.
+///
+/// `pause` returns once no vCPU is in the guest any more; the guest's memory
+/// and devices stay as they are (device threads may still complete I/O the
+/// guest started). A paused VM can still be stopped. Pausing a paused VM and
+/// resuming a running one do nothing; either on a VM that has ended (or is
+/// being stopped) is `NotRunning`.
+#[derive(Clone)]
+pub struct PauseHandle(Arc<VcpuControl>);
+
+impl PauseHandle {
+    pub fn pause(&self) -> std::result::Result<(), NotRunning> {
+        self.0.pause()
+    }
+
+    pub fn resume(&self) -> std::result::Result<(), NotRunning> {
+        self.0.resume()
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.0.is_paused()
+    }
+}
+
 /// A VM whose vCPU threads are running. Dropping it stops and joins them.
 pub struct RunningVm {
     threads: Vec<JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
+    control: Arc<VcpuControl>,
     events: Sender<Event>,
     receiver: Receiver<Event>,
     started: Instant,
@@ -377,6 +402,10 @@ pub struct RunningVm {
 impl RunningVm {
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle(self.events.clone())
+    }
+
+    pub fn pause_handle(&self) -> PauseHandle {
+        PauseHandle(self.control.clone())
     }
 
     pub fn memory(&self) -> &GuestMemoryHost {
@@ -420,11 +449,8 @@ impl RunningVm {
     }
 
     fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in &self.threads {
-            // A thread that already returned has nothing to interrupt.
-            let _ = t.kill(vcpu::kick_signal());
-        }
+        // Also wakes vCPUs that are paused.
+        self.control.stop();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

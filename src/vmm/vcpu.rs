@@ -3,7 +3,8 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Instant;
 
 use kvm_bindings::{KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -36,7 +37,7 @@ thread_local! {
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // Setting immediate_exit closes the race where the signal lands after the
-    // thread checked its stop flag but before it entered KVM_RUN: the next
+    // thread checked its stop and pause flags but before it entered KVM_RUN: the next
     // KVM_RUN then returns at once with EINTR.
     IMMEDIATE_EXIT.with(|p| {
         let p = p.get();
@@ -64,6 +65,202 @@ pub fn install_kick_handler() -> std::io::Result<()> {
         vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno())
     });
     result.map_err(std::io::Error::from_raw_os_error)
+}
+
+/// The VM has ended, or is ending, so its vCPUs cannot be paused or resumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the VM is not running")]
+pub struct NotRunning;
+
+/// What the host asks of a VM's vCPU threads (stop, pause) and what they
+/// report back (parked, ended). Shared by the threads and the handles that
+/// drive them, from any thread.
+pub struct VcpuControl {
+    stop: AtomicBool,
+    /// Mirrors `ControlState::pause`, so the run loop can check it on every
+    /// iteration without taking the lock.
+    pause: AtomicBool,
+    state: Mutex<ControlState>,
+    /// Signalled on every change of `ControlState`: vCPU threads wait on it
+    /// to be resumed, pausers wait on it for the threads to park.
+    changed: Condvar,
+}
+
+struct ControlState {
+    pause: bool,
+    /// The kernel thread id of each vCPU thread while it may be kicked: set
+    /// once it is inside its run loop with the kick handler pointed at its
+    /// `kvm_run`, cleared before it leaves. Kicks are only sent under the
+    /// lock, so a thread id is never used after its thread has gone (and
+    /// maybe been reused by another thread).
+    threads: Vec<Option<libc::pid_t>>,
+    /// vCPU threads parked in `VcpuControl::park`.
+    parked: usize,
+    /// vCPU threads whose run loop has returned.
+    ended: usize,
+}
+
+impl ControlState {
+    fn all_still(&self) -> bool {
+        self.parked + self.ended == self.threads.len()
+    }
+}
+
+impl VcpuControl {
+    pub fn new(vcpus: usize) -> Self {
+        VcpuControl {
+            stop: AtomicBool::new(false),
+            pause: AtomicBool::new(false),
+            state: Mutex::new(ControlState {
+                pause: false,
+                threads: vec![None; vcpus],
+                parked: 0,
+                ended: 0,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ControlState> {
+        // Nothing panics while holding the lock; should it anyway, the
+        // counters are still consistent, and a stop must still get through.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes every vCPU leave `KVM_RUN` and return `VcpuEnd::Stopped`,
+    /// paused ones included. Returns at once; join the threads to wait.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let state = self.lock();
+        self.changed.notify_all();
+        kick_all(&state);
+    }
+
+    /// Freezes the guest: returns once every vCPU thread is out of
+    /// `KVM_RUN` and parked, so the guest executes nothing more until
+    /// `resume`. Pausing a paused VM is not an error: it returns at once.
+    /// A `resume` that races this call wins, and this returns without waiting.
+    pub fn pause(&self) -> Result<(), NotRunning> {
+        let started = Instant::now();
+        let mut state = self.lock();
+        if self.stop.load(Ordering::SeqCst) || state.ended > 0 {
+            return Err(NotRunning);
+        }
+        if !state.pause {
+            state.pause = true;
+            // Set before the kicks, so a thread that misses its kick (it was
+            // not yet in KVM_RUN) sees the flag before it enters again, and
+            // one that is in KVM_RUN is forced out by the kick.
+            self.pause.store(true, Ordering::SeqCst);
+            kick_all(&state);
+        }
+        while state.pause && !state.all_still() {
+            state = self.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+        // A vCPU that ended meanwhile (the guest reset, a stop) ends the VM.
+        if self.stop.load(Ordering::SeqCst) || state.ended > 0 {
+            return Err(NotRunning);
+        }
+        tracing::debug!(
+            vcpus = state.threads.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "vCPUs paused"
+        );
+        Ok(())
+    }
+
+    /// Lets paused vCPUs run again from where they were. Resuming a VM that
+    /// is not paused is not an error.
+    pub fn resume(&self) -> Result<(), NotRunning> {
+        let mut state = self.lock();
+        if self.stop.load(Ordering::SeqCst) || state.ended > 0 {
+            return Err(NotRunning);
+        }
+        if state.pause {
+            state.pause = false;
+            self.pause.store(false, Ordering::SeqCst);
+            self.changed.notify_all();
+            tracing::debug!("vCPUs resumed");
+        }
+        Ok(())
+    }
+
+    /// Whether a pause is in force (the vCPUs may still be on their way to
+    /// parking if a `pause` call has not returned yet).
+    pub fn is_paused(&self) -> bool {
+        self.lock().pause
+    }
+
+    /// Called by a vCPU thread that saw the pause flag: waits, out of
+    /// KVM_RUN, until resumed or stopped.
+    fn park(&self, index: u8) {
+        let mut state = self.lock();
+        let parked_at = Instant::now();
+        // Counted even if a resume came first: the pauser waiting for this
+        // thread then sees `pause` cleared and stops waiting anyway.
+        state.parked += 1;
+        self.changed.notify_all();
+        while state.pause && !self.stop.load(Ordering::SeqCst) {
+            state = self.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+        state.parked -= 1;
+        drop(state);
+        tracing::trace!(
+            vcpu = index,
+            parked_ms = parked_at.elapsed().as_millis() as u64,
+            "vCPU unparked"
+        );
+    }
+}
+
+/// Sends the kick signal to every vCPU thread inside its run loop. Needs the
+/// lock so none of them can leave (and its thread id be reused) meanwhile.
+fn kick_all(state: &MutexGuard<'_, ControlState>) {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    for tid in state.threads.iter().flatten() {
+        // SAFETY: tgkill only sends a signal; the thread is alive (it
+        // unregisters under the lock held here before it exits) and has the
+        // kick handler installed (Vm::start checks that before any vCPU runs).
+        let rc = unsafe { libc::syscall(libc::SYS_tgkill, pid, *tid, kick_signal()) };
+        if rc != 0 {
+            tracing::warn!(
+                tid,
+                error = %std::io::Error::last_os_error(),
+                "could not kick a vCPU thread"
+            );
+        }
+    }
+}
+
+/// A vCPU thread's registration with its `VcpuControl`; dropping it (also
+/// when the run loop panics) unregisters the thread and detaches the kick
+/// handler from its `kvm_run`, before that mapping goes away with the vCPU fd.
+struct Registration<'a> {
+    control: &'a VcpuControl,
+    index: usize,
+}
+
+impl<'a> Registration<'a> {
+    fn new(control: &'a VcpuControl, index: u8, immediate_exit: *const AtomicU8) -> Self {
+        IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
+        let index = usize::from(index);
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        control.lock().threads[index] = Some(tid);
+        Registration { control, index }
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        let mut state = self.control.lock();
+        state.threads[self.index] = None;
+        state.ended += 1;
+        self.control.changed.notify_all();
+        drop(state);
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null()));
+    }
 }
 
 pub struct Vcpu {
@@ -94,12 +291,17 @@ impl Vcpu {
         }
     }
 
-    /// Runs the guest until it ends, fails, or `stop` is set and the thread kicked.
-    pub fn run(mut self, stop: &AtomicBool) -> VcpuEnd {
+    /// Runs the guest until it ends, fails, or `control` stops it; parks
+    /// whenever `control` pauses it.
+    pub fn run(mut self, control: &VcpuControl) -> VcpuEnd {
         let immediate_exit = &raw mut self.fd.get_kvm_run().immediate_exit;
-        IMMEDIATE_EXIT.with(|p| p.set(immediate_exit.cast::<AtomicU8>().cast_const()));
-        let end = self.run_loop(stop);
-        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null()));
+        let registration = Registration::new(
+            control,
+            self.index,
+            immediate_exit.cast::<AtomicU8>().cast_const(),
+        );
+        let end = self.run_loop(control);
+        drop(registration);
         // Where a guest was when it was stopped is the first clue to a hang;
         // fetched only when it will be logged.
         if !tracing::enabled!(tracing::Level::DEBUG) {
@@ -116,10 +318,15 @@ impl Vcpu {
         end
     }
 
-    fn run_loop(&mut self, stop: &AtomicBool) -> VcpuEnd {
+    fn run_loop(&mut self, control: &VcpuControl) -> VcpuEnd {
         loop {
-            if stop.load(Ordering::SeqCst) {
+            if control.stop.load(Ordering::SeqCst) {
                 return VcpuEnd::Stopped;
+            }
+            if control.pause.load(Ordering::SeqCst) {
+                control.park(self.index);
+                // Stopped while parked, or paused again: the checks above decide.
+                continue;
             }
             let next = match self.fd.run() {
                 Ok(exit) => handle_exit(self.index, &self.bus, &self.mmio, exit),
@@ -263,5 +470,131 @@ fn handle_exit(index: u8, bus: &PioBus, mmio: &MmioBus, exit: VcpuExit<'_>) -> N
             vcpu: index,
             reason: format!("unexpected exit {other:?}"),
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread::JoinHandle;
+    use std::time::Duration;
+
+    /// A vCPU thread without KVM: its "KVM_RUN" spins until its
+    /// immediate_exit byte is set, which only the kick handler does, so a
+    /// pause or stop gets through only by the real kick. It waits
+    /// `park_delay` before parking, so a pause that does not wait for the
+    /// threads to park shows.
+    fn fake_vcpu(control: &Arc<VcpuControl>, index: u8, park_delay: Duration) -> JoinHandle<()> {
+        install_kick_handler().unwrap();
+        let control = control.clone();
+        std::thread::spawn(move || {
+            let immediate_exit = AtomicU8::new(0);
+            let _registration = Registration::new(&control, index, &immediate_exit);
+            loop {
+                if control.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                if control.pause.load(Ordering::SeqCst) {
+                    std::thread::sleep(park_delay);
+                    control.park(index);
+                    continue;
+                }
+                while immediate_exit.load(Ordering::SeqCst) == 0 {
+                    std::thread::yield_now();
+                }
+                immediate_exit.store(0, Ordering::SeqCst);
+            }
+        })
+    }
+
+    fn vcpus(control: &Arc<VcpuControl>, park_delay: Duration) -> Vec<JoinHandle<()>> {
+        (0..control.lock().threads.len())
+            .map(|i| fake_vcpu(control, i as u8, park_delay))
+            .collect()
+    }
+
+    fn stop_and_join(control: &VcpuControl, threads: Vec<JoinHandle<()>>) {
+        control.stop();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let state = control.lock();
+        assert_eq!((state.ended, state.parked), (state.threads.len(), 0));
+        assert!(state.threads.iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn pause_returns_once_every_thread_is_parked() {
+        let control = Arc::new(VcpuControl::new(3));
+        let threads = vcpus(&control, Duration::from_millis(20));
+        for _ in 0..3 {
+            control.pause().unwrap();
+            assert_eq!(control.lock().parked, 3);
+            assert!(control.is_paused());
+            // Again: nothing changes.
+            control.pause().unwrap();
+            assert_eq!(control.lock().parked, 3);
+            control.resume().unwrap();
+            control.resume().unwrap();
+            assert!(!control.is_paused());
+        }
+        stop_and_join(&control, threads);
+    }
+
+    #[test]
+    fn threads_that_have_not_started_yet_park_on_their_own() {
+        let control = Arc::new(VcpuControl::new(2));
+        let pauser = {
+            let control = control.clone();
+            std::thread::spawn(move || control.pause())
+        };
+        while !control.is_paused() {
+            std::thread::yield_now();
+        }
+        // Like vCPU threads just spawned: the pause is in force before they
+        // register, so no kick reaches them; they must see the flag.
+        let threads = vcpus(&control, Duration::ZERO);
+        pauser.join().unwrap().unwrap();
+        assert_eq!(control.lock().parked, 2);
+        stop_and_join(&control, threads);
+    }
+
+    #[test]
+    fn stop_ends_paused_threads() {
+        let control = Arc::new(VcpuControl::new(2));
+        let threads = vcpus(&control, Duration::ZERO);
+        control.pause().unwrap();
+        stop_and_join(&control, threads);
+        assert_eq!(control.pause(), Err(NotRunning));
+        assert_eq!(control.resume(), Err(NotRunning));
+    }
+
+    #[test]
+    fn a_resume_during_a_pause_wins() {
+        let control = Arc::new(VcpuControl::new(2));
+        let threads = vcpus(&control, Duration::from_millis(300));
+        let resumer = {
+            let control = control.clone();
+            std::thread::spawn(move || {
+                while !control.is_paused() {
+                    std::thread::yield_now();
+                }
+                control.resume().unwrap();
+            })
+        };
+        control.pause().unwrap();
+        resumer.join().unwrap();
+        assert!(!control.is_paused());
+        stop_and_join(&control, threads);
+    }
+
+    #[test]
+    fn a_thread_that_ends_ends_the_pause() {
+        let control = Arc::new(VcpuControl::new(2));
+        let running = fake_vcpu(&control, 0, Duration::ZERO);
+        // vCPU 1 returns at once, as on a guest reset.
+        drop(Registration::new(&control, 1, &AtomicU8::new(0)));
+        assert_eq!(control.pause(), Err(NotRunning));
+        stop_and_join(&control, vec![running]);
     }
 }

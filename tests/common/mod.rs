@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod fake_kernel;
+pub mod podman;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

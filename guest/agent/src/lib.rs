@@ -11,11 +11,13 @@ mod log;
 pub mod mounts;
 mod passwd;
 mod pid1;
+mod procfs;
 mod reaper;
 mod relay;
 pub mod resolve;
 mod rootfs;
 mod spawn;
+mod staged;
 pub mod transport;
 
 use std::path::PathBuf;
@@ -38,9 +40,9 @@ pub enum Mode {
     /// hostname, kills every process when the container ends.
     Vm,
     /// Inside an existing system (tests): `root` is the container's root
-    /// as is; the OCI mounts go under it, but there is no switch of root,
-    /// no hostname, and only the agent's own processes are killed. The
-    /// calling process becomes a child subreaper.
+    /// as is; the OCI mounts and the staged files go under it, but there is
+    /// no switch of root, no hostname, and only the agent's own processes
+    /// are killed or listed. The calling process becomes a child subreaper.
     Hosted { root: PathBuf },
 }
 

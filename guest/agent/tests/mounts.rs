@@ -6,9 +6,9 @@ mod common;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use common::{process, Host, TempDir};
+use common::{process, sh, Host, TempDir};
 use nix::mount::{umount2, MntFlags};
-use skiff_protocol::{ExitStatus, Mount, INIT_ID};
+use skiff_protocol::{staged_file_path, ExitStatus, Mount, StagedFile, INIT_ID};
 
 fn mount(destination: &str, typ: &str, source: &str, options: &[&str]) -> Mount {
     let mut m = Mount::default();
@@ -131,5 +131,88 @@ fn a_missing_bind_source_fails_the_container_naming_the_mount() {
         error.starts_with("mount `/data`: source `/no/such/source`"),
         "{error}"
     );
+    host.shutdown();
+}
+
+#[test]
+fn a_staged_file_is_bound_like_any_other_source() {
+    let root = TempDir::new("root");
+    let r = root.path();
+    let hosts = b"127.0.0.1 localhost\n10.0.0.2 db\n".to_vec();
+    let files = vec![
+        StagedFile {
+            path: staged_file_path(0),
+            contents: hosts.clone(),
+            mode: 0o640,
+        },
+        StagedFile {
+            path: staged_file_path(1),
+            contents: (0..=255).collect(),
+            mode: 0o600,
+        },
+    ];
+    let mounts = vec![
+        mount("/bin", "bind", "/bin", &["rbind", "ro"]),
+        mount("/etc/hosts", "bind", &staged_file_path(0), &["rbind", "ro"]),
+        mount("/data/blob", "bind", &staged_file_path(1), &["bind"]),
+    ];
+    let _mounted = Mounted(
+        ["bin", "etc/hosts", "data/blob"]
+            .iter()
+            .map(|p| r.join(p))
+            .collect(),
+    );
+    // Hosted, the container's processes see the host's filesystem, the
+    // container's root under `r`.
+    let script = format!("cat {0}; stat -c %a {0}", r.join("etc/hosts").display());
+
+    let mut host = Host::new(r);
+    host.create_staged(files, mounts, sh(&script))
+        .expect("creating the container");
+    let o = host.run(INIT_ID, false, b"");
+    host.shutdown();
+    assert_eq!(o.status, ExitStatus::Code(0), "stderr: {}", o.stderr);
+    let want = format!("{}640\n", String::from_utf8(hosts).unwrap());
+    assert_eq!(o.stdout, want);
+    // Hosted, the staging directory is under the container's root, not
+    // the host's /run.
+    let staged = r.join("run/skiff/files/0");
+    assert_eq!(
+        std::fs::metadata(&staged).unwrap().permissions().mode() & 0o7777,
+        0o640
+    );
+    let err = std::fs::write(r.join("etc/hosts"), "changed").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    let blob = std::fs::read(r.join("data/blob")).unwrap();
+    assert_eq!(blob, (0..=255).collect::<Vec<u8>>());
+}
+
+#[test]
+fn a_staged_file_outside_the_staging_directory_is_refused() {
+    let root = TempDir::new("root");
+    let mut host = Host::new(root.path());
+    let files = vec![StagedFile {
+        path: "/run/skiff/files/../../../etc/passwd".into(),
+        contents: b"root::0:0::/:/bin/sh\n".to_vec(),
+        mode: 0o644,
+    }];
+    let (error, code) = host
+        .create_staged(files, Vec::new(), process(&["true"]))
+        .unwrap_err();
+    assert_eq!(code, 1);
+    assert!(error.contains("must not contain `..`"), "{error}");
+    assert!(!root.path().join("etc").exists());
+    host.shutdown();
+
+    let mut host = Host::new(root.path());
+    let files = vec![StagedFile {
+        path: "/etc/hosts".into(),
+        contents: Vec::new(),
+        mode: 0o644,
+    }];
+    let (error, _) = host
+        .create_staged(files, Vec::new(), process(&["true"]))
+        .unwrap_err();
+    assert!(error.contains("not under /run/skiff/files"), "{error}");
     host.shutdown();
 }

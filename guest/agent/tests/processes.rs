@@ -170,6 +170,7 @@ fn a_signal_ends_a_sleeping_process() {
     host.send(&HostMessage::Signal {
         id: INIT_ID.into(),
         signal: 15,
+        all: false,
     });
     let (status, _) = host.exited(INIT_ID);
     assert_eq!(status, ExitStatus::Signal(15));
@@ -179,6 +180,7 @@ fn a_signal_ends_a_sleeping_process() {
     host.send(&HostMessage::Signal {
         id: "nobody".into(),
         signal: 15,
+        all: false,
     });
     let failed = host.expect("Failed", |m| match m {
         AgentMessage::Failed { id, .. } => Some(id.clone()),
@@ -382,6 +384,7 @@ fn a_terminal_process_gets_a_pty_of_the_requested_size() {
     host.send(&HostMessage::Signal {
         id: "barrier".into(),
         signal: 0,
+        all: false,
     });
     host.expect("Failed", |m| {
         matches!(m, AgentMessage::Failed { .. }).then_some(())
@@ -390,5 +393,132 @@ fn a_terminal_process_gets_a_pty_of_the_requested_size() {
     assert_eq!(host.exited("resized").0, ExitStatus::Code(0));
     let out = String::from_utf8(streams.output().0).unwrap();
     assert!(out.ends_with("30 100\r\n"), "{out:?}");
+    host.shutdown();
+}
+
+/// Waits until `path` holds a pid, as a script writes it.
+fn read_pid(path: &Path) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(pid) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "no pid in {}", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether `pid` still runs (a zombie has ended).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_signal_to_all_reaches_every_process_and_their_descendants() {
+    let dir = TempDir::new("kill-all");
+    let ready = dir.path().join("ready");
+    let pidfile = dir.path().join("pid");
+    let mut host = Host::new(Path::new("/"));
+    // The container's process survives the signal, so its end does not
+    // kill the others before the signal could.
+    let script = format!(
+        "trap 'echo got-term' TERM; echo $$ > {}; until read line; do :; done",
+        ready.display()
+    );
+    host.create(sh(&script)).unwrap();
+    let mut init = host.attach(INIT_ID, false);
+    host.start(INIT_ID);
+    read_pid(&ready);
+    host.exec("e1", process(&["sleep", "1000"])).unwrap();
+    let _e1 = host.attach("e1", false);
+    host.start("e1");
+    // A grandchild in a session of its own, out of reach of a signal to
+    // e2's group.
+    let script = format!(
+        "setsid sh -c 'echo $$ > {}; exec sleep 1000' </dev/null >/dev/null 2>&1 & wait",
+        pidfile.display()
+    );
+    host.exec("e2", sh(&script)).unwrap();
+    let _e2 = host.attach("e2", false);
+    host.start("e2");
+    let grandchild = read_pid(&pidfile);
+    assert!(running(grandchild));
+
+    // Answered like a signal to one process.
+    for (id, signal, want) in [("nobody", 15, "no such process"), ("e1", 12345, "signal 12345: ")] {
+        host.send(&HostMessage::Signal {
+            id: id.into(),
+            signal,
+            all: true,
+        });
+        let error = host.expect("Failed", |m| match m {
+            AgentMessage::Failed { id: i, error, .. } if i == id => Some(error.clone()),
+            _ => None,
+        });
+        assert!(error.starts_with(want), "{error}");
+    }
+
+    host.send(&HostMessage::Signal {
+        id: "e1".into(),
+        signal: 15,
+        all: true,
+    });
+    assert_eq!(host.exited("e1").0, ExitStatus::Signal(15));
+    assert_eq!(host.exited("e2").0, ExitStatus::Signal(15));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while running(grandchild) {
+        assert!(Instant::now() < deadline, "the grandchild {grandchild} survived");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    init.write_stdin(b"\n");
+    assert_eq!(host.exited(INIT_ID).0, ExitStatus::Code(0));
+    assert_eq!(init.output().0, b"got-term\n");
+    host.shutdown();
+}
+
+#[test]
+fn list_processes_shows_the_containers_processes_but_not_the_agent() {
+    let mut host = Host::new(Path::new("/"));
+    assert_eq!(host.list_processes("before"), []);
+    let init = host.create(process(&["sleep", "1000"])).unwrap();
+    let _init = host.attach(INIT_ID, false);
+    host.start(INIT_ID);
+    let mut p = sh("sleep 999 & wait");
+    p.user_mut().set_uid(1000);
+    host.exec("e1", p).unwrap();
+    let _e1 = host.attach("e1", false);
+    host.start("e1");
+
+    // `Started` comes just before `execve`: the programs take a moment to
+    // show up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut request = 0;
+    let list = loop {
+        request += 1;
+        let list = host.list_processes(&format!("ps-{request}"));
+        let has = |command: &str| list.iter().any(|p| p.command == command);
+        if has("sleep 1000") && has("sh -c sleep 999 & wait") && has("sleep 999") {
+            break list;
+        }
+        assert!(Instant::now() < deadline, "{list:#?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let agent = std::process::id() as i32;
+    let find = |command: &str| list.iter().find(|p| p.command == command).unwrap();
+    let sleeper = find("sleep 1000");
+    assert_eq!((sleeper.pid, sleeper.ppid, sleeper.uid), (init, agent, 0));
+    assert!(["S", "R"].contains(&sleeper.state.as_str()), "{sleeper:?}");
+    let shell = find("sh -c sleep 999 & wait");
+    let child = find("sleep 999");
+    assert_eq!((shell.ppid, shell.uid), (agent, 1000));
+    assert_eq!((child.ppid, child.uid), (shell.pid, 1000));
+    assert_eq!(list.len(), 3, "only the agent's own processes: {list:#?}");
+    assert!(list.windows(2).all(|w| w[0].pid < w[1].pid), "{list:#?}");
     host.shutdown();
 }

@@ -14,12 +14,14 @@
 //! # Life of a container
 //! ```text
 //! agent → Ready{version}
-//! host  → CreateContainer{root, mounts, hostname, process}   (process id INIT_ID)
+//! host  → CreateContainer{root, mounts, files, hostname, process}   (process id INIT_ID)
 //! agent → Created{id} | Failed{id, exit_code}
 //! host  ⇒ stream connections for INIT_ID (streams_for(process))
 //! host  → Start{id}
 //! agent → Started{id}
-//! host  → Signal{id, signal} / Exec{id, process} + streams + Start / ResizeTerminal
+//! host  → Signal{id, signal, all} / Exec{id, process} + streams + Start / ResizeTerminal
+//! host  → ListProcesses{id}
+//! agent → Processes{id, processes} | Failed{id}
 //! agent → Exited{id, status}        (after that process's output is all sent)
 //! host  → Shutdown                  (after it has read every stream to its end)
 //! ```
@@ -27,10 +29,22 @@
 //! connection ends. Exits of INIT_ID end the container: the agent kills what
 //! is left, reports it, and waits for `Shutdown`.
 //!
+//! Requests that succeed without a result of their own (`Signal`,
+//! `ResizeTerminal`) are answered only when they fail. `ListProcesses`
+//! always gets an answer under the id the host chose for it.
+//!
+//! # Staged files
+//! The guest has no view of the host's files, yet OCI bind mounts may name
+//! small host files (`/etc/hosts`, `/etc/resolv.conf`). The host sends their
+//! contents in [`ContainerSpec::files`], each at [`staged_file_path`], and
+//! points the mount's source there. The agent writes them before it does the
+//! mounts, so such a bind is like any other of a guest-side source.
+//!
 //! # Framing
 //! Each frame is a 4-byte big-endian length followed by that many bytes of
 //! JSON. A frame longer than [`MAX_FRAME`] is a protocol error.
 
+mod base64;
 pub mod exec_lookup;
 pub mod passwd;
 
@@ -41,7 +55,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any change a peer built from an older copy would misread.
-pub const VERSION: u32 = 1;
+/// 2: `Signal.all`, `ListProcesses`/`Processes`, `ContainerSpec.files`.
+pub const VERSION: u32 = 2;
 /// vsock's well-known CID of the host.
 pub const HOST_CID: u32 = 2;
 /// Host port the agent connects to for the control connection.
@@ -54,6 +69,34 @@ pub const INIT_ID: &str = "init";
 /// Largest frame either side accepts: a process spec with a big environment
 /// fits many times over, a corrupted length prefix does not.
 pub const MAX_FRAME: u32 = 16 << 20;
+/// Where staged files go in the agent's own filesystem: outside the
+/// container's root, so they are only reachable through the mounts that
+/// name them.
+pub const STAGED_FILES_DIR: &str = "/run/skiff/files";
+
+/// The path of the `index`th staged file of a container.
+pub fn staged_file_path(index: usize) -> String {
+    format!("{STAGED_FILES_DIR}/{index}")
+}
+
+/// Whether `path` may be a staged file's: a file below [`STAGED_FILES_DIR`]
+/// with no `..`, so whatever the host sends, the agent writes nowhere else.
+pub fn check_staged_path(path: &str) -> Result<(), String> {
+    let rel = std::path::Path::new(path)
+        .strip_prefix(STAGED_FILES_DIR)
+        .map_err(|_| format!("staged file `{path}` is not under {STAGED_FILES_DIR}"))?;
+    if rel.as_os_str().is_empty() {
+        return Err(format!("staged file `{path}` names the staging directory itself"));
+    }
+    // Path::components drops `.` and doubled slashes but keeps `..`.
+    let plain = rel
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !plain {
+        return Err(format!("staged file `{path}` must not contain `..`"));
+    }
+    Ok(())
+}
 
 /// What the host asks of the agent.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -68,7 +111,19 @@ pub enum HostMessage {
     /// Let a created process `execve`, once its streams are attached.
     Start { id: String },
     /// Deliver a signal to a process (to its process group for a terminal).
-    Signal { id: String, signal: i32 },
+    Signal {
+        id: String,
+        signal: i32,
+        /// Deliver it to every process of the container instead, as
+        /// `kill --all` does; `id` must still name a process the agent
+        /// knows, but that process may have exited already.
+        #[serde(default)]
+        all: bool,
+    },
+    /// List the container's processes, as `ps` inside it would, without the
+    /// agent and kernel threads. `id` is the host's name for the request;
+    /// the answer is `Processes` (or `Failed`) under the same id.
+    ListProcesses { id: String },
     /// Set the window size of a process's terminal.
     ResizeTerminal { id: String, rows: u16, cols: u16 },
     /// The host has read everything it wants; the agent may power off.
@@ -112,6 +167,38 @@ pub enum AgentMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// The answer to `ListProcesses`, in order of pid.
+    Processes { id: String, processes: Vec<ProcessInfo> },
+}
+
+/// One process of the container, from the guest's `/proc`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    /// Its pid inside the guest.
+    pub pid: i32,
+    pub ppid: i32,
+    /// Its effective user id.
+    pub uid: u32,
+    /// The one-letter state of `/proc/<pid>/stat`: `R`, `S`, `D`, `Z`, `T`...
+    pub state: String,
+    /// Its arguments joined by spaces, or `[name]` when it has none (a
+    /// zombie, say), as `ps` shows them.
+    pub command: String,
+}
+
+/// A small host file the agent writes into its own filesystem before the
+/// OCI mounts, so a bind mount can name it as its source.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct StagedFile {
+    /// Absolute path in the agent's filesystem, below [`STAGED_FILES_DIR`];
+    /// [`staged_file_path`] makes one.
+    pub path: String,
+    /// Base64 on the wire: a JSON array of numbers would take up to four
+    /// times the file's size.
+    #[serde(with = "base64")]
+    pub contents: Vec<u8>,
+    /// Permission bits (`0o644`); file type bits are ignored.
+    pub mode: u32,
 }
 
 /// How the container's environment is put together in the guest.
@@ -124,6 +211,9 @@ pub struct ContainerSpec {
     /// OCI `mounts`, in order, relative to the new root.
     #[serde(default)]
     pub mounts: Vec<Mount>,
+    /// Files to write before the mounts, for the binds that name them.
+    #[serde(default)]
+    pub files: Vec<StagedFile>,
     /// OCI `process`; it runs as [`INIT_ID`].
     pub process: Process,
 }
@@ -269,6 +359,18 @@ mod tests {
         round_trip(HostMessage::Signal {
             id: "x".into(),
             signal: 9,
+            all: true,
+        });
+        round_trip(HostMessage::ListProcesses { id: "ps-1".into() });
+        round_trip(AgentMessage::Processes {
+            id: "ps-1".into(),
+            processes: vec![ProcessInfo {
+                pid: 7,
+                ppid: 1,
+                uid: 1000,
+                state: "S".into(),
+                command: "sleep 1000".into(),
+            }],
         });
         round_trip(HostMessage::CreateContainer(ContainerSpec {
             root: RootDevice {
@@ -278,12 +380,91 @@ mod tests {
             },
             hostname: Some("h".into()),
             mounts: oci_spec::runtime::get_default_mounts(),
+            files: vec![
+                StagedFile {
+                    path: staged_file_path(0),
+                    contents: b"127.0.0.1 localhost\n".to_vec(),
+                    mode: 0o644,
+                },
+                StagedFile {
+                    path: staged_file_path(1),
+                    contents: (0..=255).collect(),
+                    mode: 0o600,
+                },
+            ],
             process: Process::default(),
         }));
         round_trip(StreamHello {
             id: INIT_ID.into(),
             kind: StreamKind::Stderr,
         });
+    }
+
+    fn parse<T: DeserializeOwned>(json: &str) -> T {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn frames_without_the_newer_fields_still_parse() {
+        let signal: HostMessage = parse(r#"{"type":"signal","id":"init","signal":15}"#);
+        assert_eq!(
+            signal,
+            HostMessage::Signal {
+                id: INIT_ID.into(),
+                signal: 15,
+                all: false,
+            }
+        );
+        let spec = ContainerSpec {
+            root: RootDevice {
+                device: "/dev/vda".into(),
+                fstype: "ext4".into(),
+                readonly: true,
+            },
+            hostname: None,
+            mounts: Vec::new(),
+            files: Vec::new(),
+            process: Process::default(),
+        };
+        let mut old = serde_json::to_value(HostMessage::CreateContainer(spec.clone())).unwrap();
+        old.as_object_mut().unwrap().remove("files").unwrap();
+        let create: HostMessage = serde_json::from_value(old).unwrap();
+        assert_eq!(create, HostMessage::CreateContainer(spec));
+    }
+
+    #[test]
+    fn staged_contents_travel_as_base64() {
+        let file = StagedFile {
+            path: staged_file_path(3),
+            contents: b"foobar".to_vec(),
+            mode: 0o644,
+        };
+        assert_eq!(
+            serde_json::to_string(&file).unwrap(),
+            r#"{"path":"/run/skiff/files/3","contents":"Zm9vYmFy","mode":420}"#
+        );
+        let err =
+            serde_json::from_str::<StagedFile>(r#"{"path":"/x","contents":"Zm9", "mode":0}"#).unwrap_err();
+        assert!(err.to_string().contains("base64"), "{err}");
+    }
+
+    #[test]
+    fn staged_paths_stay_in_the_staging_directory() {
+        assert_eq!(staged_file_path(0), "/run/skiff/files/0");
+        check_staged_path(&staged_file_path(12)).unwrap();
+        check_staged_path("/run/skiff/files/dir/hosts").unwrap();
+        for bad in [
+            "/run/skiff/files",
+            "/run/skiff/files/",
+            "/run/skiff/files/../root/etc/passwd",
+            "/run/skiff/files/a/../../x",
+            "/run/skiff/filesx/0",
+            "run/skiff/files/0",
+            "/etc/hosts",
+            "",
+        ] {
+            assert!(check_staged_path(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

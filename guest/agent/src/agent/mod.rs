@@ -1,13 +1,15 @@
 //! The agent's side of the protocol: the control loop and the processes
-//! it tracks. Starting them is in `start`, reporting their ends in `finish`.
+//! it tracks. Starting them is in `start`, reporting their ends in `finish`,
+//! signalling and listing all of the container's in `processes`.
 
 mod finish;
+mod processes;
 mod start;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,10 +20,11 @@ use skiff_protocol::{
 };
 
 use crate::log::{debug, info};
+use crate::procfs::ProcFs;
 use crate::relay::ExitFlag;
 use crate::spawn::{self, Prepared, SpawnError, Spawned, Stdio};
 use crate::transport::Conn;
-use crate::{mounts, rootfs};
+use crate::{mounts, rootfs, staged};
 
 /// How long `Start` waits for the host to attach a process's streams.
 const STREAM_WAIT: Duration = Duration::from_secs(10);
@@ -36,6 +39,9 @@ pub struct Agent {
     /// mounts it and switches into it.
     hosted_root: Option<PathBuf>,
     control: Mutex<Conn>,
+    /// The guest's `/proc` as it was before the switch of root, or why it
+    /// could not be opened.
+    proc: Result<ProcFs, String>,
     /// Another handle on the control socket, to end the control loop.
     control_wake: Conn,
     state: Mutex<State>,
@@ -120,9 +126,14 @@ impl Agent {
         let control_wake = control
             .try_clone()
             .map_err(|e| format!("dup of the control socket: {e}"))?;
+        let proc = ProcFs::open("/proc");
+        if let Err(e) = &proc {
+            info!("{e}");
+        }
         Ok(Arc::new(Agent {
             hosted_root,
             control: Mutex::new(control),
+            proc,
             control_wake,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
@@ -185,7 +196,17 @@ impl Agent {
                 HostMessage::CreateContainer(spec) => self.create_container(spec),
                 HostMessage::Exec { id, process } => self.exec(id, process),
                 HostMessage::Start { id } => self.start(id),
-                HostMessage::Signal { id, signal } => self.signal(&id, signal),
+                HostMessage::Signal {
+                    id,
+                    signal,
+                    all: false,
+                } => self.signal(&id, signal),
+                HostMessage::Signal {
+                    id,
+                    signal,
+                    all: true,
+                } => self.signal_all(&id, signal),
+                HostMessage::ListProcesses { id } => self.list_processes(id),
                 HostMessage::ResizeTerminal { id, rows, cols } => self.resize(&id, rows, cols),
                 HostMessage::Shutdown => {
                     self.state().shutdown = true;
@@ -227,7 +248,19 @@ impl Agent {
         };
         let mounted = Instant::now();
         timings.root_mount_us = micros(mounted - began);
-        mounts::mount_all(&root, &spec.mounts)?;
+        // Before the mounts, which may bind them. In the VM the staging
+        // directory is in the initramfs, reachable until the switch of root
+        // and hidden after it.
+        match &self.hosted_root {
+            Some(root) => {
+                staged::write_all(root, &spec.files)?;
+                mounts::mount_all(root, &staged::locate_sources(root, &spec.mounts))?;
+            }
+            None => {
+                staged::write_all(Path::new("/"), &spec.files)?;
+                mounts::mount_all(&root, &spec.mounts)?;
+            }
+        }
         let view = match &self.hosted_root {
             Some(root) => {
                 // Hosted, the hostname and root are the host's to keep.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use skiff_agent::{Address, Config, Mode};
 use skiff_protocol::{
     read_frame, write_frame, AgentMessage, ContainerSpec, ExitStatus, HostMessage, Mount, Process,
-    RootDevice, StreamHello, StreamKind, INIT_ID,
+    ProcessInfo, RootDevice, StagedFile, StreamHello, StreamKind, INIT_ID,
 };
 
 /// Long enough for a loaded machine, short enough that a hang fails.
@@ -195,6 +195,16 @@ impl Host {
     }
 
     pub fn create_spec(&mut self, mounts: Vec<Mount>, process: Process) -> Result<i32, (String, i32)> {
+        self.create_staged(Vec::new(), mounts, process)
+    }
+
+    /// A container whose mounts may bind the staged `files`.
+    pub fn create_staged(
+        &mut self,
+        files: Vec<StagedFile>,
+        mounts: Vec<Mount>,
+        process: Process,
+    ) -> Result<i32, (String, i32)> {
         self.send(&HostMessage::CreateContainer(ContainerSpec {
             root: RootDevice {
                 device: "/dev/unused".into(),
@@ -203,6 +213,7 @@ impl Host {
             },
             hostname: Some("skiff-test".into()),
             mounts,
+            files,
             process,
         }));
         self.created(INIT_ID)
@@ -258,6 +269,18 @@ impl Host {
     pub fn exited(&mut self, id: &str) -> (ExitStatus, Option<String>) {
         self.expect(&format!("Exited of {id}"), |m| match m {
             AgentMessage::Exited { id: i, status, error } if i == id => Some((*status, error.clone())),
+            _ => None,
+        })
+    }
+
+    /// The agent's answer to `ListProcesses`.
+    pub fn list_processes(&mut self, request: &str) -> Vec<ProcessInfo> {
+        self.send(&HostMessage::ListProcesses { id: request.into() });
+        self.expect(&format!("Processes of {request}"), |m| match m {
+            AgentMessage::Processes { id, processes } if id == request => Some(processes.clone()),
+            AgentMessage::Failed { id, error, .. } if id == request => {
+                panic!("ListProcesses failed: {error}")
+            }
             _ => None,
         })
     }

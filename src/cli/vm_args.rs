@@ -1,0 +1,86 @@
+//! What a container's microVM is made of beyond its bundle: the guest
+//! kernel, the agent's initramfs, the image cache. containerd and podman
+//! pass none of these, so each has an environment variable and an
+//! installed default.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use super::boot::{ProfileChoice, DEFAULT_IMAGE_CACHE};
+use crate::runtime::image::ImageFormat;
+use crate::vmm;
+
+/// Where `scripts/install.sh` puts the guest kernel.
+pub const DEFAULT_KERNEL: &str = "/usr/local/share/skiff/vmlinux";
+/// Where `scripts/install.sh` puts the agent's initramfs.
+pub const DEFAULT_INITRD: &str = "/usr/local/share/skiff/agent-initrd.img";
+
+#[derive(Debug, Args, Clone)]
+pub struct VmArgs {
+    /// Guest kernel (ELF vmlinux or bzImage).
+    #[arg(long, value_name = "FILE", env = "SKIFF_KERNEL", default_value = DEFAULT_KERNEL)]
+    pub kernel: PathBuf,
+    /// The skiff agent's initramfs.
+    #[arg(long, value_name = "FILE", env = "SKIFF_AGENT_INITRD", default_value = DEFAULT_INITRD)]
+    pub initrd: PathBuf,
+    /// Filesystem of the root image made from the bundle's rootfs.
+    #[arg(long, default_value_t = ImageFormat::Erofs)]
+    pub image_format: ImageFormat,
+    /// Where root filesystem images are cached, by content.
+    #[arg(long, value_name = "DIR", env = "SKIFF_IMAGE_CACHE", default_value = DEFAULT_IMAGE_CACHE)]
+    pub image_cache: PathBuf,
+    /// CPUID profile the guest sees.
+    #[arg(long, value_enum, default_value_t = ProfileChoice::Auto)]
+    pub cpu_profile: ProfileChoice,
+    /// Keep each guest's console in `<DIR>/<id>.log` (diagnosis).
+    #[arg(long, value_name = "DIR", env = "SKIFF_GUEST_CONSOLE_DIR", hide = true)]
+    pub guest_console_dir: Option<PathBuf>,
+    /// KVM device node.
+    #[arg(long, default_value = vmm::config::DEFAULT_KVM_DEVICE, value_name = "PATH", hide = true)]
+    pub kvm_device: PathBuf,
+}
+
+impl VmArgs {
+    /// Fails, naming the file and how to point skiff at it, when the kernel
+    /// or initramfs is missing: before anything is created.
+    pub fn check(&self) -> anyhow::Result<()> {
+        for (path, what, env) in [
+            (&self.kernel, "guest kernel", "SKIFF_KERNEL"),
+            (&self.initrd, "agent initramfs", "SKIFF_AGENT_INITRD"),
+        ] {
+            if let Err(e) = std::fs::metadata(path) {
+                anyhow::bail!(
+                    "{what} {}: {e} (install it with scripts/install.sh, or set {env})",
+                    path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The same choices as flags of the monitor.
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let abs = |p: &Path| super::absolute(p).into_os_string();
+        let mut args = vec![
+            "--kernel".into(),
+            abs(&self.kernel),
+            "--initrd".into(),
+            abs(&self.initrd),
+            "--image-format".into(),
+            self.image_format.to_string().into(),
+            "--image-cache".into(),
+            abs(&self.image_cache),
+            "--cpu-profile".into(),
+            clap::ValueEnum::to_possible_value(&self.cpu_profile)
+                .map_or("auto".into(), |v| v.get_name().into()),
+            "--kvm-device".into(),
+            self.kvm_device.clone().into_os_string(),
+        ];
+        if let Some(dir) = &self.guest_console_dir {
+            args.push("--guest-console-dir".into());
+            args.push(abs(dir));
+        }
+        args
+    }
+}
