@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: sets the host up (scripts/setup.sh), then runs a container
 # from a busybox OCI bundle in a microVM, with its output on this terminal.
-# Extra arguments go to `skiff boot` (e.g. --vcpus 2 --memory 256M).
+# It is `skiff run`, the runc-compatible command; extra arguments go to it
+# (e.g. --image-format ext4).
 set -euo pipefail
 repo_root=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)
 # Two steps: `eval "$(…)"` would hide a failed set-up from `set -e`.
@@ -31,4 +32,4 @@ cat >"$bundle/config.json" <<JSON
 }
 JSON
 echo "[demo] starting a container in a microVM (about a minute on a host without hardware virtualization)" >&2
-"$repo_root/target/release/skiff" --root "$bundle/state" boot --bundle "$bundle" "$@"
+"$repo_root/target/release/skiff" --root "$bundle/state" run --bundle "$bundle" "$@" skiff-demo

@@ -3,13 +3,13 @@
 #   1. installs the Debian packages the guest kernel, the test images and the
 #      tests need (only what is missing; needs root),
 #   2. builds the guest kernel, the guest agent's initramfs, the test
-#      initramfs and the busybox demo rootfs (cached by content, so a second
-#      run takes seconds),
+#      initramfs, the busybox demo rootfs and its OCI image (cached by
+#      content, so a second run takes seconds),
 #   3. builds skiff itself (release).
 # Prints `export` lines for the artifacts' paths on stdout, so
 #   exports=$(scripts/setup.sh) && eval "$exports"
-# leaves SKIFF_KERNEL, SKIFF_AGENT_INITRD, SKIFF_INITRD and
-# SKIFF_BUSYBOX_ROOTFS set. Progress goes to stderr.
+# leaves SKIFF_KERNEL, SKIFF_AGENT_INITRD, SKIFF_INITRD, SKIFF_BUSYBOX_ROOTFS
+# and SKIFF_BUSYBOX_OCI set. Progress goes to stderr.
 set -euo pipefail
 
 exec 3>&1 1>&2
@@ -26,6 +26,10 @@ packages=(
 	busybox-static cpio gzip e2fsprogs file
 	# root filesystem images made from bundles (src/runtime/image.rs)
 	erofs-utils
+	# engines and reference runtimes driving skiff like runc
+	# (tests/oci_clients.rs, scripts/bench-oci.sh); conmon, CNI plugins and
+	# containers-common come as podman's dependencies
+	containerd runc crun podman
 )
 
 missing=()
@@ -64,9 +68,11 @@ log "test initramfs"
 initrd=$(rootfs/build-test-initramfs.sh)
 log "busybox rootfs"
 busybox_rootfs=$(rootfs/build-busybox-rootfs.sh)
+log "busybox OCI image"
+busybox_oci=$(SKIFF_BUSYBOX_ROOTFS=$busybox_rootfs rootfs/build-busybox-oci.sh)
 log "building skiff"
 cargo build --release --locked --quiet
 log "ready: kernel $kernel, agent initramfs $agent_initrd"
 
-printf 'export SKIFF_KERNEL=%q\nexport SKIFF_AGENT_INITRD=%q\nexport SKIFF_INITRD=%q\nexport SKIFF_BUSYBOX_ROOTFS=%q\n' \
-	"$kernel" "$agent_initrd" "$initrd" "$busybox_rootfs" >&3
+printf 'export SKIFF_KERNEL=%q\nexport SKIFF_AGENT_INITRD=%q\nexport SKIFF_INITRD=%q\nexport SKIFF_BUSYBOX_ROOTFS=%q\nexport SKIFF_BUSYBOX_OCI=%q\n' \
+	"$kernel" "$agent_initrd" "$initrd" "$busybox_rootfs" "$busybox_oci" >&3

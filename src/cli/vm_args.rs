@@ -1,7 +1,8 @@
 //! What a container's microVM is made of beyond its bundle: the guest
 //! kernel, the agent's initramfs, the image cache. containerd and podman
 //! pass none of these, so each has an environment variable and an
-//! installed default.
+//! installed default: beside the binary, in `<prefix>/share/skiff/` for a
+//! skiff in `<prefix>/bin/` (where scripts/install.sh puts them).
 
 use std::path::{Path, PathBuf};
 
@@ -11,19 +12,19 @@ use super::boot::{ProfileChoice, DEFAULT_IMAGE_CACHE};
 use crate::runtime::image::ImageFormat;
 use crate::vmm;
 
-/// Where `scripts/install.sh` puts the guest kernel.
-pub const DEFAULT_KERNEL: &str = "/usr/local/share/skiff/vmlinux";
-/// Where `scripts/install.sh` puts the agent's initramfs.
-pub const DEFAULT_INITRD: &str = "/usr/local/share/skiff/agent-initrd.img";
+/// The installed guest kernel, relative to `<prefix>/share/skiff/`.
+pub const INSTALLED_KERNEL: &str = "vmlinux";
+/// The installed agent initramfs, relative to `<prefix>/share/skiff/`.
+pub const INSTALLED_INITRD: &str = "agent-initrd.img";
 
 #[derive(Debug, Args, Clone)]
 pub struct VmArgs {
-    /// Guest kernel (ELF vmlinux or bzImage).
-    #[arg(long, value_name = "FILE", env = "SKIFF_KERNEL", default_value = DEFAULT_KERNEL)]
-    pub kernel: PathBuf,
-    /// The skiff agent's initramfs.
-    #[arg(long, value_name = "FILE", env = "SKIFF_AGENT_INITRD", default_value = DEFAULT_INITRD)]
-    pub initrd: PathBuf,
+    /// Guest kernel (ELF vmlinux or bzImage) [default: <prefix>/share/skiff/vmlinux].
+    #[arg(long, value_name = "FILE", env = "SKIFF_KERNEL")]
+    pub kernel: Option<PathBuf>,
+    /// The skiff agent's initramfs [default: <prefix>/share/skiff/agent-initrd.img].
+    #[arg(long, value_name = "FILE", env = "SKIFF_AGENT_INITRD")]
+    pub initrd: Option<PathBuf>,
     /// Filesystem of the root image made from the bundle's rootfs.
     #[arg(long, default_value_t = ImageFormat::Erofs)]
     pub image_format: ImageFormat,
@@ -46,10 +47,10 @@ impl VmArgs {
     /// or initramfs is missing: before anything is created.
     pub fn check(&self) -> anyhow::Result<()> {
         for (path, what, env) in [
-            (&self.kernel, "guest kernel", "SKIFF_KERNEL"),
-            (&self.initrd, "agent initramfs", "SKIFF_AGENT_INITRD"),
+            (self.kernel(), "guest kernel", "SKIFF_KERNEL"),
+            (self.initrd(), "agent initramfs", "SKIFF_AGENT_INITRD"),
         ] {
-            if let Err(e) = std::fs::metadata(path) {
+            if let Err(e) = std::fs::metadata(&path) {
                 anyhow::bail!(
                     "{what} {}: {e} (install it with scripts/install.sh, or set {env})",
                     path.display()
@@ -59,14 +60,22 @@ impl VmArgs {
         Ok(())
     }
 
+    pub fn kernel(&self) -> PathBuf {
+        self.kernel.clone().unwrap_or_else(|| installed(INSTALLED_KERNEL))
+    }
+
+    pub fn initrd(&self) -> PathBuf {
+        self.initrd.clone().unwrap_or_else(|| installed(INSTALLED_INITRD))
+    }
+
     /// The same choices as flags of the monitor.
     pub fn to_args(&self) -> Vec<std::ffi::OsString> {
         let abs = |p: &Path| super::absolute(p).into_os_string();
         let mut args = vec![
             "--kernel".into(),
-            abs(&self.kernel),
+            abs(&self.kernel()),
             "--initrd".into(),
-            abs(&self.initrd),
+            abs(&self.initrd()),
             "--image-format".into(),
             self.image_format.to_string().into(),
             "--image-cache".into(),
@@ -83,4 +92,14 @@ impl VmArgs {
         }
         args
     }
+}
+
+/// `<prefix>/share/skiff/<name>` for this binary's `<prefix>/bin/skiff`.
+fn installed(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/usr/local/bin/skiff"));
+    let prefix = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("/usr/local"));
+    prefix.join("share/skiff").join(name)
 }

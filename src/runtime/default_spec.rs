@@ -5,9 +5,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
 
-use oci_spec::runtime::{
-    get_default_mounts, Capabilities, Capability, Linux, LinuxCapabilities, Spec, VERSION,
-};
+use oci_spec::runtime::{Capabilities, Capability, Linux, LinuxCapabilities, Spec, VERSION};
 
 use super::error::RuntimeError;
 
@@ -43,7 +41,7 @@ pub fn default_spec(rootless: bool) -> Spec {
             .set_capabilities(Some(capabilities));
     }
     if let Some(linux) = spec.linux_mut() {
-        // runc masks it as well since oci-spec's list was taken.
+        // runc's list gained this entry after oci-spec copied it.
         linux
             .masked_paths_mut()
             .get_or_insert_with(Vec::new)
@@ -70,13 +68,11 @@ fn make_rootless(spec: &mut Spec) {
             .set_gid_mappings(rootless.gid_mappings().clone())
             .set_resources(None);
     }
-    let mut mounts = get_default_mounts();
-    for m in &mut mounts {
+    for m in spec.mounts_mut().iter_mut().flatten() {
         if let Some(options) = m.options_mut() {
             options.retain(|o| !o.starts_with("uid=") && !o.starts_with("gid="));
         }
     }
-    spec.set_mounts(Some(mounts));
 }
 
 /// Writes the default spec to `<bundle>/config.json`, never over one that

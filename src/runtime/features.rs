@@ -184,12 +184,12 @@ mod tests {
         assert!(!namespaces.contains(&LinuxNamespaceType::User));
         let cgroup = linux.cgroup().as_ref().unwrap();
         assert_eq!(
-            (cgroup.v1(), cgroup.v2(), cgroup.systemd()),
+            (*cgroup.v1(), *cgroup.v2(), *cgroup.systemd()),
             (Some(false), Some(false), Some(false))
         );
-        assert_eq!(linux.seccomp().as_ref().unwrap().enabled(), Some(false));
-        assert_eq!(linux.apparmor().as_ref().unwrap().enabled(), Some(false));
-        assert_eq!(linux.selinux().as_ref().unwrap().enabled(), Some(false));
+        assert_eq!(*linux.seccomp().as_ref().unwrap().enabled(), Some(false));
+        assert_eq!(*linux.apparmor().as_ref().unwrap().enabled(), Some(false));
+        assert_eq!(*linux.selinux().as_ref().unwrap().enabled(), Some(false));
 
         let annotations = parsed.annotations().as_ref().unwrap();
         assert_eq!(annotations[VERSION_ANNOTATION], env!("CARGO_PKG_VERSION"));

@@ -1,8 +1,9 @@
 //! OCI lifecycle hooks (config.json `hooks`): programs run on the host at
 //! points of a container's life, each given the container's state on stdin.
 //!
-//! All of them run in the runtime's namespaces here, even those the spec
-//! runs in the container's (`createContainer`, `startContainer`): the
+//! Here all of them run on the host, in the runtime's namespaces, even
+//! those the spec runs in the container's (`createContainer`, and
+//! `startContainer`, whose path it also resolves in the container): the
 //! container lives in a VM the host cannot enter.
 
 use std::fmt;
@@ -33,8 +34,8 @@ const MAX_POLL: Duration = Duration::from_millis(50);
 /// The points of the lifecycle that have hooks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HookKind {
-    /// Deprecated by the spec in favour of the three that follow; still run
-    /// after `createRuntime`'s point, as runc does.
+    /// Deprecated by the spec in favour of the three that follow; runc still
+    /// runs them at `createRuntime`'s point, just before those.
     Prestart,
     CreateRuntime,
     CreateContainer,

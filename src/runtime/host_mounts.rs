@@ -17,11 +17,12 @@ use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use nix::sys::stat::{major, minor};
+use nix::sys::stat;
 use oci_spec::runtime::Mount;
 use skiff_protocol::{staged_file_path, StagedFile, MAX_FRAME};
 
 use super::error::RuntimeError;
+use crate::vmm::MemorySize;
 
 /// The largest host file a bind may stage into the guest.
 pub const MAX_STAGED_FILE: u64 = 1 << 20;
@@ -54,79 +55,87 @@ pub struct GuestMounts {
 /// Translates config.json's `mounts` for the guest, keeping their order.
 pub fn for_guest(mounts: &[Mount]) -> Result<GuestMounts, RuntimeError> {
     let mut guest = GuestMounts::default();
-    let mut staged_bytes = 0u64;
     for m in mounts {
-        let destination = m.destination();
-        if !destination.is_absolute() {
-            return Err(invalid(destination, "the destination must be an absolute path"));
+        if !m.destination().is_absolute() {
+            return Err(invalid(
+                m.destination(),
+                "the destination must be an absolute path",
+            ));
         }
-        if !is_bind(m) {
-            guest.mounts.push(m.clone());
-            continue;
-        }
-        let source = m
-            .source()
-            .as_deref()
-            .ok_or_else(|| invalid(destination, "a bind mount needs a source"))?;
-        let fail = |what: &str| invalid(destination, &format!("source {} {what}", source.display()));
-        if !source.is_absolute() {
-            return Err(fail("is not an absolute path"));
-        }
-        let meta = fs::metadata(source).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => fail("does not exist"),
-            _ => fail(&format!("cannot be read: {e}")),
-        })?;
-        let kind = meta.file_type();
-        if kind.is_file() {
-            let contents = read_capped(source).map_err(|e| fail(&e))?;
-            staged_bytes += contents.len() as u64;
-            if staged_bytes > MAX_STAGED_TOTAL {
-                return Err(fail(&format!(
-                    "does not fit: the host files bound into a container may hold {} in all",
-                    crate::vmm::MemorySize(MAX_STAGED_TOTAL)
-                )));
-            }
-            let path = staged_file_path(guest.files.len());
-            guest.files.push(StagedFile {
-                path: path.clone(),
-                contents,
-                mode: meta.mode() & 0o7777,
-            });
-            guest.mounts.push(with_source(m, PathBuf::from(path)));
-        } else if kind.is_dir() {
-            tracing::warn!(
-                "mount {}: host directory {} is not shared with the guest; the container \
-                 sees an empty directory there, and what it writes stays in the VM",
-                destination.display(),
-                source.display()
-            );
-            guest.mounts.push(empty_tmpfs(m, &meta));
-        } else if kind.is_char_device() {
-            let device = guest_device(&meta).ok_or_else(|| {
-                fail(&format!(
-                    "is character device {}:{}, which the guest does not have",
-                    major(meta.rdev()),
-                    minor(meta.rdev())
-                ))
-            })?;
-            guest.mounts.push(with_source(m, PathBuf::from(device)));
+        let mount = if is_bind(m) {
+            bind_for_guest(m, &mut guest.files)?
         } else {
-            let what = if kind.is_socket() {
-                "a socket"
-            } else if kind.is_fifo() {
-                "a fifo"
-            } else if kind.is_block_device() {
-                "a block device"
-            } else {
-                "of an unknown file type"
-            };
-            return Err(fail(&format!(
-                "is {what}; only files, directories and memory devices such as /dev/null \
-                 can be bound into a container's VM"
-            )));
-        }
+            m.clone()
+        };
+        guest.mounts.push(mount);
     }
     Ok(guest)
+}
+
+/// The guest's version of bind mount `m`, staging its source in `files`
+/// if it is a file.
+fn bind_for_guest(m: &Mount, files: &mut Vec<StagedFile>) -> Result<Mount, RuntimeError> {
+    let destination = m.destination();
+    let source = m
+        .source()
+        .as_deref()
+        .ok_or_else(|| invalid(destination, "a bind mount needs a source"))?;
+    let fail = |what: &str| invalid(destination, &format!("source {} {what}", source.display()));
+    if !source.is_absolute() {
+        return Err(fail("is not an absolute path"));
+    }
+    let meta = fs::metadata(source).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => fail("does not exist"),
+        _ => fail(&format!("cannot be read: {e}")),
+    })?;
+    let kind = meta.file_type();
+    if kind.is_file() {
+        let contents = read_capped(source).map_err(|e| fail(&e))?;
+        let staged: u64 = files.iter().map(|f| f.contents.len() as u64).sum();
+        if staged + contents.len() as u64 > MAX_STAGED_TOTAL {
+            return Err(fail(&format!(
+                "does not fit: the host files bound into a container may hold {} in all",
+                MemorySize(MAX_STAGED_TOTAL)
+            )));
+        }
+        let path = staged_file_path(files.len());
+        files.push(StagedFile {
+            path: path.clone(),
+            contents,
+            mode: meta.mode() & 0o7777,
+        });
+        Ok(with_source(m, PathBuf::from(path)))
+    } else if kind.is_dir() {
+        tracing::warn!(
+            "mount {}: host directory {} is not shared with the guest; the container \
+             sees an empty directory there, and what it writes stays in the VM",
+            destination.display(),
+            source.display()
+        );
+        Ok(empty_tmpfs(m, &meta))
+    } else if kind.is_char_device() {
+        let (major, minor) = (stat::major(meta.rdev()), stat::minor(meta.rdev()));
+        let device = guest_device(major, minor).ok_or_else(|| {
+            fail(&format!(
+                "is character device {major}:{minor}, which the guest does not have"
+            ))
+        })?;
+        Ok(with_source(m, PathBuf::from(device)))
+    } else {
+        let what = if kind.is_socket() {
+            "a socket"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else {
+            "of an unknown file type"
+        };
+        Err(fail(&format!(
+            "is {what}; only files, directories and memory devices such as /dev/null \
+             can be bound into a container's VM"
+        )))
+    }
 }
 
 fn invalid(destination: &Path, what: &str) -> RuntimeError {
@@ -149,7 +158,7 @@ fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
     if contents.len() as u64 > MAX_STAGED_FILE {
         return Err(format!(
             "is larger than {}, the most a host file bound into a container may be",
-            crate::vmm::MemorySize(MAX_STAGED_FILE)
+            MemorySize(MAX_STAGED_FILE)
         ));
     }
     Ok(contents)
@@ -181,11 +190,10 @@ fn empty_tmpfs(m: &Mount, dir: &Metadata) -> Mount {
     m
 }
 
-fn guest_device(meta: &Metadata) -> Option<&'static str> {
-    let (maj, min) = (major(meta.rdev()), minor(meta.rdev()));
+fn guest_device(major: u64, minor: u64) -> Option<&'static str> {
     GUEST_DEVICES
         .iter()
-        .find(|&&(a, b, _)| (a, b) == (maj, min))
+        .find(|&&(a, b, _)| (a, b) == (major, minor))
         .map(|&(_, _, path)| path)
 }
 
@@ -359,7 +367,7 @@ mod tests {
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let socket = dir.path().join("socket");
         let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-        for (source, what) in [(&fifo, "is a fifo"), (&socket, "is a socket")] {
+        for (source, what) in [(&fifo, "is a FIFO"), (&socket, "is a socket")] {
             let e = error(&[mount("/x", Some("bind"), Some(source), &[])]);
             assert_eq!(
                 e,

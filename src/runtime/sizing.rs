@@ -2,8 +2,9 @@
 //! resource limits of config.json or skiff's own annotations.
 //!
 //! Under runc the limits cap a cgroup on a shared kernel; here they size the
-//! VM, whose own kernel and agent live inside the same figure. A limit is
-//! therefore never exceeded, only honoured more strictly.
+//! VM. The guest's own kernel and agent live inside its memory limit, so the
+//! container gets a little less than under runc, never more; a CPU quota
+//! becomes whole vCPUs, rounded up.
 
 use oci_spec::runtime::{LinuxCpu, Spec};
 
@@ -20,11 +21,11 @@ pub const MEMORY_ANNOTATION: &str = "io.skiff.memory";
 
 pub const DEFAULT_VCPUS: u8 = 1;
 
-/// The smallest guest a container can have. The guest kernel alone occupies
-/// memory up to about 28 MiB (it is loaded at 16 MiB), the agent's
-/// initramfs is held twice while it unpacks, and the kernel needs room for
-/// its page tables and slabs before the container's process gets any.
-pub const MIN_CONTAINER_MEMORY: u64 = 64 << 20;
+/// The smallest guest a container can have. The guest kernel occupies
+/// memory up to about 28 MiB (it is loaded at 16 MiB) and the agent's
+/// initramfs, about 3.5 MiB, must fit above it; at 32 MiB a busybox
+/// container runs with some 12 MiB to spare. Below, the VM cannot boot.
+pub const MIN_CONTAINER_MEMORY: u64 = 32 << 20;
 
 /// The CFS bandwidth period the kernel uses when none is set (100 ms).
 const DEFAULT_CPU_PERIOD: u64 = 100_000;
@@ -134,12 +135,12 @@ fn parse_cpu_list(list: &str, host_cpus: usize) -> Result<Vec<usize>, String> {
             }
         };
         if first > last {
-            return Err(format!("the range {}-{} is backwards", first, last));
+            return Err(format!("the range {first}-{last} is backwards"));
         }
         // Checked before expanding, so a huge range cannot allocate much.
         if last >= host_cpus {
             return Err(format!(
-                "CPU {last} does not exist: this host has {host_cpus} (0-{})",
+                "CPU {last} does not exist: this host has {host_cpus} CPUs (0-{})",
                 host_cpus.saturating_sub(1)
             ));
         }
@@ -195,11 +196,13 @@ fn guest_memory(bytes: u64) -> Result<MemorySize, String> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     /// A spec from the JSON of its `linux.resources` and `annotations`.
     fn spec(resources: serde_json::Value, annotations: serde_json::Value) -> Spec {
-        serde_json::from_value(serde_json::json!({
+        serde_json::from_value(json!({
             "ociVersion": "1.0.2",
             "linux": { "resources": resources },
             "annotations": annotations,
@@ -208,7 +211,7 @@ mod tests {
     }
 
     fn size(resources: serde_json::Value) -> Result<VmSize, RuntimeError> {
-        size_for(&spec(resources, serde_json::json!({})), 8)
+        size_for(&spec(resources, json!({})), 8)
     }
 
     fn error(resources: serde_json::Value, annotations: serde_json::Value) -> String {
@@ -228,60 +231,50 @@ mod tests {
                 cpus: None
             }
         );
-        let s = size(serde_json::json!({"cpu": {"quota": -1}, "memory": {"limit": -1}})).unwrap();
+        let s = size(json!({"cpu": {"quota": -1}, "memory": {"limit": -1}})).unwrap();
         assert_eq!((s.vcpus, s.memory), (1, MemorySize(DEFAULT_MEMORY)));
     }
 
     #[test]
     fn quota_rounds_up_to_whole_vcpus() {
-        let vcpus = |cpu| size(serde_json::json!({ "cpu": cpu })).unwrap().vcpus;
-        assert_eq!(vcpus(serde_json::json!({"quota": 150000, "period": 100000})), 2);
-        assert_eq!(vcpus(serde_json::json!({"quota": 200000})), 2);
-        assert_eq!(vcpus(serde_json::json!({"quota": 1000})), 1);
-        assert_eq!(vcpus(serde_json::json!({"quota": 50000, "period": 10000})), 5);
-        assert_eq!(vcpus(serde_json::json!({"quota": 0})), 1);
+        let vcpus = |cpu| size(json!({ "cpu": cpu })).unwrap().vcpus;
+        assert_eq!(vcpus(json!({"quota": 150000, "period": 100000})), 2);
+        assert_eq!(vcpus(json!({"quota": 200000})), 2);
+        assert_eq!(vcpus(json!({"quota": 1000})), 1);
+        assert_eq!(vcpus(json!({"quota": 50000, "period": 10000})), 5);
+        assert_eq!(vcpus(json!({"quota": 0})), 1);
     }
 
     #[test]
     fn never_more_vcpus_than_the_host_has() {
-        let s = size(serde_json::json!({"cpu": {"quota": 6400000}})).unwrap();
+        let s = size(json!({"cpu": {"quota": 6400000}})).unwrap();
         assert_eq!(s.vcpus, 8);
-        let s = size_for(
-            &spec(
-                serde_json::json!({"cpu": {"quota": 6400000}}),
-                serde_json::json!({}),
-            ),
-            1024,
-        )
-        .unwrap();
+        let s = size_for(&spec(json!({"cpu": {"quota": 100_000_000}}), json!({})), 1024).unwrap();
         assert_eq!(s.vcpus, MAX_VCPUS);
     }
 
     #[test]
     fn a_zero_period_is_rejected() {
-        let e = error(
-            serde_json::json!({"cpu": {"quota": 1000, "period": 0}}),
-            serde_json::json!({}),
-        );
+        let e = error(json!({"cpu": {"quota": 1000, "period": 0}}), json!({}));
         assert!(e.contains("linux.resources.cpu.period"), "{e}");
     }
 
     #[test]
     fn cpuset_sizes_and_pins() {
-        let s = size(serde_json::json!({"cpu": {"cpus": "0-3,7"}})).unwrap();
+        let s = size(json!({"cpu": {"cpus": "0-3,7"}})).unwrap();
         assert_eq!(s.vcpus, 5);
         assert_eq!(s.cpus, Some(vec![0, 1, 2, 3, 7]));
-        let s = size(serde_json::json!({"cpu": {"cpus": " 2, 1-2 ,2"}})).unwrap();
+        let s = size(json!({"cpu": {"cpus": " 2, 1-2 ,2"}})).unwrap();
         assert_eq!((s.vcpus, s.cpus), (2, Some(vec![1, 2])));
-        let s = size(serde_json::json!({"cpu": {"cpus": ""}})).unwrap();
+        let s = size(json!({"cpu": {"cpus": ""}})).unwrap();
         assert_eq!((s.vcpus, s.cpus), (1, None));
     }
 
     #[test]
     fn quota_and_cpuset_take_the_smaller() {
-        let s = size(serde_json::json!({"cpu": {"cpus": "0-5", "quota": 200000}})).unwrap();
+        let s = size(json!({"cpu": {"cpus": "0-5", "quota": 200000}})).unwrap();
         assert_eq!((s.vcpus, s.cpus.unwrap().len()), (2, 6));
-        let s = size(serde_json::json!({"cpu": {"cpus": "3", "quota": 400000}})).unwrap();
+        let s = size(json!({"cpu": {"cpus": "3", "quota": 400000}})).unwrap();
         assert_eq!((s.vcpus, s.cpus), (1, Some(vec![3])));
     }
 
@@ -295,7 +288,7 @@ mod tests {
             ("1,,2", "\"\" is not a CPU number"),
             ("0-", "is not a CPU number"),
         ] {
-            let e = error(serde_json::json!({"cpu": {"cpus": list}}), serde_json::json!({}));
+            let e = error(json!({"cpu": {"cpus": list}}), json!({}));
             assert!(
                 e.contains("linux.resources.cpu.cpus") && e.contains(why),
                 "{list}: {e}"
@@ -305,11 +298,7 @@ mod tests {
 
     #[test]
     fn memory_limit_rounds_down_to_whole_mib() {
-        let memory = |limit: i64| {
-            size(serde_json::json!({"memory": {"limit": limit}}))
-                .unwrap()
-                .memory
-        };
+        let memory = |limit: i64| size(json!({"memory": {"limit": limit}})).unwrap().memory;
         assert_eq!(memory(256 << 20), MemorySize(256 << 20));
         assert_eq!(memory((256 << 20) + (1 << 20) - 1), MemorySize(256 << 20));
         assert_eq!(memory(3 << 30), MemorySize(3 << 30));
@@ -318,23 +307,16 @@ mod tests {
 
     #[test]
     fn too_small_or_negative_memory_limits_are_named() {
-        let e = error(
-            serde_json::json!({"memory": {"limit": 16 << 20}}),
-            serde_json::json!({}),
-        );
+        let e = error(json!({"memory": {"limit": 16 << 20}}), json!({}));
         assert!(
-            e.contains("linux.resources.memory.limit") && e.contains("at least 64 MiB"),
+            e.contains("linux.resources.memory.limit") && e.contains("at least 32 MiB"),
             "{e}"
         );
-        let e = error(
-            serde_json::json!({"memory": {"limit": MIN_CONTAINER_MEMORY - 1}}),
-            serde_json::json!({}),
-        );
+        let e = error(json!({"memory": {"limit": MIN_CONTAINER_MEMORY - 1}}), json!({}));
         assert!(e.contains("linux.resources.memory.limit"), "{e}");
-        let e = error(
-            serde_json::json!({"memory": {"limit": -2}}),
-            serde_json::json!({}),
-        );
+        let s = size(json!({"memory": {"limit": MIN_CONTAINER_MEMORY}})).unwrap();
+        assert_eq!(s.memory, MemorySize(MIN_CONTAINER_MEMORY));
+        let e = error(json!({"memory": {"limit": -2}}), json!({}));
         assert!(e.contains("linux.resources.memory.limit` is -2"), "{e}");
     }
 
@@ -342,8 +324,8 @@ mod tests {
     fn annotations_override_the_resources() {
         let s = size_for(
             &spec(
-                serde_json::json!({"cpu": {"quota": 100000, "cpus": "0-1"}, "memory": {"limit": 1 << 30}}),
-                serde_json::json!({VCPUS_ANNOTATION: "4", MEMORY_ANNOTATION: "256M"}),
+                json!({"cpu": {"quota": 100000, "cpus": "0-1"}, "memory": {"limit": 1 << 30}}),
+                json!({VCPUS_ANNOTATION: "4", MEMORY_ANNOTATION: "256M"}),
             ),
             8,
         )
@@ -356,34 +338,21 @@ mod tests {
                 cpus: Some(vec![0, 1])
             }
         );
-        let s = size_for(
-            &spec(
-                serde_json::json!({}),
-                serde_json::json!({MEMORY_ANNOTATION: "1073741825"}),
-            ),
-            8,
-        )
-        .unwrap();
+        let s = size_for(&spec(json!({}), json!({MEMORY_ANNOTATION: "1073741825"})), 8).unwrap();
         assert_eq!(s.memory, MemorySize(1 << 30));
     }
 
     #[test]
     fn bad_annotations_are_named() {
         for value in ["0", "9", "two", "-1", ""] {
-            let e = error(
-                serde_json::json!({}),
-                serde_json::json!({VCPUS_ANNOTATION: value}),
-            );
+            let e = error(json!({}), json!({VCPUS_ANNOTATION: value}));
             assert!(
                 e.contains(VCPUS_ANNOTATION) && e.contains("1 to 8"),
                 "{value}: {e}"
             );
         }
-        for value in ["lots", "12X", "32M", "-1"] {
-            let e = error(
-                serde_json::json!({}),
-                serde_json::json!({MEMORY_ANNOTATION: value}),
-            );
+        for value in ["lots", "12X", "31M", "-1"] {
+            let e = error(json!({}), json!({MEMORY_ANNOTATION: value}));
             assert!(e.contains(MEMORY_ANNOTATION), "{value}: {e}");
         }
     }

@@ -476,6 +476,7 @@ fn handle_exit(index: u8, bus: &PioBus, mmio: &MmioBus, exit: VcpuExit<'_>) -> N
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
     use std::thread::JoinHandle;
     use std::time::Duration;
 
@@ -483,10 +484,16 @@ mod tests {
     /// immediate_exit byte is set, which only the kick handler does, so a
     /// pause or stop gets through only by the real kick. It waits
     /// `park_delay` before parking, so a pause that does not wait for the
-    /// threads to park shows.
-    fn fake_vcpu(control: &Arc<VcpuControl>, index: u8, park_delay: Duration) -> JoinHandle<()> {
+    /// threads to park shows. `in_run` counts the threads inside "KVM_RUN".
+    fn fake_vcpu(
+        control: &Arc<VcpuControl>,
+        index: u8,
+        park_delay: Duration,
+        in_run: &Arc<AtomicUsize>,
+    ) -> JoinHandle<()> {
         install_kick_handler().unwrap();
         let control = control.clone();
+        let in_run = in_run.clone();
         std::thread::spawn(move || {
             let immediate_exit = AtomicU8::new(0);
             let _registration = Registration::new(&control, index, &immediate_exit);
@@ -499,17 +506,27 @@ mod tests {
                     control.park(index);
                     continue;
                 }
+                in_run.fetch_add(1, Ordering::SeqCst);
                 while immediate_exit.load(Ordering::SeqCst) == 0 {
                     std::thread::yield_now();
                 }
+                in_run.fetch_sub(1, Ordering::SeqCst);
                 immediate_exit.store(0, Ordering::SeqCst);
             }
         })
     }
 
     fn vcpus(control: &Arc<VcpuControl>, park_delay: Duration) -> Vec<JoinHandle<()>> {
+        vcpus_counted(control, park_delay, &Arc::default())
+    }
+
+    fn vcpus_counted(
+        control: &Arc<VcpuControl>,
+        park_delay: Duration,
+        in_run: &Arc<AtomicUsize>,
+    ) -> Vec<JoinHandle<()>> {
         (0..control.lock().threads.len())
-            .map(|i| fake_vcpu(control, i as u8, park_delay))
+            .map(|i| fake_vcpu(control, i as u8, park_delay, in_run))
             .collect()
     }
 
@@ -526,9 +543,15 @@ mod tests {
     #[test]
     fn pause_returns_once_every_thread_is_parked() {
         let control = Arc::new(VcpuControl::new(3));
-        let threads = vcpus(&control, Duration::from_millis(20));
+        let in_run = Arc::new(AtomicUsize::new(0));
+        let threads = vcpus_counted(&control, Duration::from_millis(20), &in_run);
         for _ in 0..3 {
+            // Every thread in "KVM_RUN", where only a kick gets it out.
+            while in_run.load(Ordering::SeqCst) < 3 {
+                std::thread::yield_now();
+            }
             control.pause().unwrap();
+            assert_eq!(in_run.load(Ordering::SeqCst), 0);
             assert_eq!(control.lock().parked, 3);
             assert!(control.is_paused());
             // Again: nothing changes.
@@ -591,7 +614,7 @@ mod tests {
     #[test]
     fn a_thread_that_ends_ends_the_pause() {
         let control = Arc::new(VcpuControl::new(2));
-        let running = fake_vcpu(&control, 0, Duration::ZERO);
+        let running = fake_vcpu(&control, 0, Duration::ZERO, &Arc::default());
         // vCPU 1 returns at once, as on a guest reset.
         drop(Registration::new(&control, 1, &AtomicU8::new(0)));
         assert_eq!(control.pause(), Err(NotRunning));

@@ -145,35 +145,54 @@ pub fn output_within(cmd: &mut Command, timeout: Duration) -> std::io::Result<Ou
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let out = drain(child.stdout.take().unwrap());
-    let err = drain(child.stderr.take().unwrap());
-    let status = wait_within(&mut child, timeout);
-    let status = match status {
-        Some(status) => status,
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("{cmd:?} did not finish within {timeout:?}"),
-            ));
-        }
+    let out = Drain::start(child.stdout.take().unwrap());
+    let err = Drain::start(child.stderr.take().unwrap());
+    let Some(status) = wait_within(&mut child, timeout) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{cmd:?} did not finish within {timeout:?}"),
+        ));
     };
-    // A grandchild that inherited the pipes (a daemonized shim, conmon)
-    // could keep them open for good, so the output is whatever arrived.
+    // A process the command left behind (a daemonized shim, conmon) may
+    // have inherited the pipes and keep them open for good, so the output
+    // is what arrives soon after the exit.
+    let deadline = Instant::now() + Duration::from_secs(2);
     Ok(Output {
         status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
+        stdout: out.collect(deadline),
+        stderr: err.collect(deadline),
     })
 }
 
-fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = pipe.read_to_end(&mut buf);
-        buf
-    })
+/// A pipe read to its end on a thread of its own, into a buffer that can be
+/// taken before the end comes.
+struct Drain {
+    buf: Arc<Mutex<Vec<u8>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Drain {
+    fn start(mut pipe: impl Read + Send + 'static) -> Drain {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&buf);
+        let thread = std::thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        Drain { buf, thread }
+    }
+
+    /// What was read, once the pipe ended or `deadline` passed.
+    fn collect(self, deadline: Instant) -> Vec<u8> {
+        while !self.thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::mem::take(&mut *self.buf.lock().unwrap())
+    }
 }
 
 fn wait_within(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
@@ -247,11 +266,14 @@ pub fn on_overlayfs(path: &Path) -> bool {
 pub mod cleanup {
     use super::*;
 
-    /// Processes (other than this one) whose command line contains
-    /// `needle`: a fixture's private directory appears in the command lines
-    /// of the shims and conmons it caused, and in nothing else.
-    pub fn pids_mentioning(needle: &Path) -> Vec<i32> {
-        let needle = needle.as_os_str().as_bytes();
+    /// Processes (other than this one) whose command line names a path in
+    /// `dir`: a fixture's private directory appears in the command lines of
+    /// the shims and conmons it caused, and in nothing else.
+    pub fn pids_mentioning(dir: &Path) -> Vec<i32> {
+        // With the slash, a directory whose name extends this one's
+        // does not match.
+        let mut needle = dir.as_os_str().as_bytes().to_vec();
+        needle.push(b'/');
         let me = std::process::id() as i32;
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return Vec::new();
@@ -261,7 +283,7 @@ pub mod cleanup {
             .filter(|&pid| pid != me)
             .filter(|pid| {
                 std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|cmd| cmd.windows(needle.len()).any(|w| w == needle))
+                    .is_ok_and(|cmd| cmd.windows(needle.len()).any(|w| w == needle.as_slice()))
             })
             .collect()
     }

@@ -5,6 +5,7 @@
 
 pub mod containerd;
 pub mod fake_kernel;
+pub mod oci;
 pub mod podman;
 
 use std::io::Write;

@@ -1,0 +1,232 @@
+//! A state root, bundles and the `skiff` binary driven as containerd's
+//! runc shim drives runc, for the OCI command tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::artifact;
+
+/// What the guest console shows when the host's exec defect (see
+/// tests/bundle_run.rs) killed a process.
+pub const HOST_TLS_DEFECT: &str = "segfault at 0 ";
+
+pub struct Oci {
+    dir: tempfile::TempDir,
+    pub root: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    rootfs: PathBuf,
+}
+
+impl Oci {
+    pub fn new() -> Oci {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("state");
+        Oci {
+            root,
+            kernel: artifact("SKIFF_KERNEL", "scripts/build-kernel.sh"),
+            initrd: artifact("SKIFF_AGENT_INITRD", "rootfs/build-agent-initramfs.sh"),
+            rootfs: artifact("SKIFF_BUSYBOX_ROOTFS", "rootfs/build-busybox-rootfs.sh"),
+            dir,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `skiff --root <root> …` with the guest artifacts in its environment,
+    /// as an installation would have them in place.
+    pub fn skiff(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_skiff"));
+        cmd.arg("--root").arg(&self.root);
+        self.vm_env(&mut cmd);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// The variables a skiff started by another program needs.
+    pub fn vm_env(&self, cmd: &mut Command) {
+        cmd.env("SKIFF_KERNEL", &self.kernel)
+            .env("SKIFF_AGENT_INITRD", &self.initrd)
+            .env("SKIFF_IMAGE_CACHE", self.image_cache())
+            .env("SKIFF_GUEST_CONSOLE_DIR", self.path("consoles"));
+    }
+
+    /// Shared by every test of the run: the busybox image is built once.
+    pub fn image_cache(&self) -> PathBuf {
+        std::env::temp_dir().join("skiff-test-images")
+    }
+
+    /// Runs `skiff <args>` to its end.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.skiff().args(args).output().unwrap()
+    }
+
+    /// Runs `skiff <args>` and insists it succeeds.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "skiff {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs `skiff <args>`, insists it fails, and returns its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "skiff {args:?} should have failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// A bundle named `name` running `args` in the busybox image, from
+    /// `skiff spec`'s default with `edit` applied.
+    pub fn bundle(&self, name: &str, args: &[&str], edit: impl FnOnce(&mut Value)) -> PathBuf {
+        let dir = self.path(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_file(dir.join("config.json"));
+        let out = Command::new(env!("CARGO_BIN_EXE_skiff"))
+            .args(["spec", "--bundle"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skiff spec: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut config: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        config["root"]["path"] = Value::from(self.rootfs.to_str().unwrap());
+        config["process"]["terminal"] = Value::from(false);
+        config["process"]["args"] = Value::from(args.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        edit(&mut config);
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_vec_pretty(&config).unwrap(),
+        )
+        .unwrap();
+        dir
+    }
+
+    pub fn state(&self, id: &str) -> Value {
+        serde_json::from_str(&self.ok(&["state", id])).unwrap()
+    }
+
+    pub fn status(&self, id: &str) -> String {
+        self.state(id)["status"].as_str().unwrap().to_owned()
+    }
+
+    /// Waits until `id` has `status`.
+    pub fn wait_status(&self, id: &str, status: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.status(id);
+            if now == status {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{id} is still {now}, not {status}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The guest console of container `id`.
+    pub fn console(&self, id: &str) -> String {
+        std::fs::read_to_string(self.path("consoles").join(format!("{id}.log"))).unwrap_or_default()
+    }
+
+    /// Whether any guest console shows the host's exec defect.
+    pub fn hit_host_defect(&self) -> bool {
+        std::fs::read_dir(self.path("consoles"))
+            .map(|dir| {
+                dir.flatten()
+                    .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains(HOST_TLS_DEFECT)))
+            })
+            .unwrap_or(false)
+    }
+
+    /// Nothing of any container is left: no state, no VMM process.
+    pub fn assert_clean(&self) {
+        let left: Vec<_> = std::fs::read_dir(&self.root)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "left under the state root: {left:?}");
+        assert_eq!(
+            monitors_of(&self.root),
+            Vec::<i32>::new(),
+            "VMM processes left running"
+        );
+    }
+
+    /// Ends every container still there (a failed test's) and its VMM.
+    pub fn clean_up(&self) {
+        if let Ok(dir) = std::fs::read_dir(&self.root) {
+            for e in dir.flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                let _ = self.run(&["delete", "--force", &id]);
+            }
+        }
+        for pid in monitors_of(&self.root) {
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+
+    /// Runs `scenario` again (at most three times in all) only when it failed
+    /// and a guest console shows the host's exec defect.
+    pub fn retry_on_host_defect(&self, scenario: impl Fn(&Oci)) {
+        const ATTEMPTS: usize = 3;
+        for tried in 1.. {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario(self)));
+            let Err(panic) = outcome else { return };
+            let defect = self.hit_host_defect();
+            self.clean_up();
+            if tried == ATTEMPTS || !defect {
+                std::panic::resume_unwind(panic);
+            }
+            eprintln!("the host's exec defect killed a guest process (see the console); running again");
+            let _ = std::fs::remove_dir_all(self.path("consoles"));
+        }
+    }
+}
+
+impl Drop for Oci {
+    fn drop(&mut self) {
+        self.clean_up();
+    }
+}
+
+/// Pids of skiff monitors whose command line names `root`.
+pub fn monitors_of(root: &Path) -> Vec<i32> {
+    let root = root.to_string_lossy().into_owned();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+            .unwrap_or(true);
+        if !zombie && args.iter().any(|a| a == "monitor") && args.contains(&root) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
