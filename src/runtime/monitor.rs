@@ -337,6 +337,16 @@ impl Shared {
             return;
         };
         let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if id.is_empty() {
+            // The agent could not tell which request this answers: everyone
+            // waiting hears it rather than waiting for an answer that will
+            // not come.
+            tracing::warn!(?msg, "the guest agent failed a request it could not identify");
+            for tx in routes.values() {
+                let _ = tx.send(msg.clone());
+            }
+            return;
+        }
         match routes.get(id) {
             Some(tx) => {
                 let _ = tx.send(msg);

@@ -138,8 +138,9 @@ impl VcpuControl {
 
     /// Freezes the guest: returns once every vCPU thread is out of
     /// `KVM_RUN` and parked, so the guest executes nothing more until
-    /// `resume`. Pausing a paused VM is not an error: it returns at once.
-    /// A `resume` that races this call wins, and this returns without waiting.
+    /// `resume`. Pausing a paused VM is not an error: it returns, like the
+    /// first call, once every vCPU is parked. A `resume` that races this
+    /// call wins, and this returns without waiting.
     pub fn pause(&self) -> Result<(), NotRunning> {
         let started = Instant::now();
         let mut state = self.lock();
@@ -242,7 +243,10 @@ struct Registration<'a> {
 }
 
 impl<'a> Registration<'a> {
-    fn new(control: &'a VcpuControl, index: u8, immediate_exit: *const AtomicU8) -> Self {
+    /// # Safety
+    /// `immediate_exit` must stay valid until the registration is dropped,
+    /// on this thread: the kick handler writes through it until then.
+    unsafe fn new(control: &'a VcpuControl, index: u8, immediate_exit: *const AtomicU8) -> Self {
         IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
         let index = usize::from(index);
         // SAFETY: gettid has no preconditions.
@@ -295,11 +299,16 @@ impl Vcpu {
     /// whenever `control` pauses it.
     pub fn run(mut self, control: &VcpuControl) -> VcpuEnd {
         let immediate_exit = &raw mut self.fd.get_kvm_run().immediate_exit;
-        let registration = Registration::new(
-            control,
-            self.index,
-            immediate_exit.cast::<AtomicU8>().cast_const(),
-        );
+        // SAFETY: the kvm_run mapping lives as long as `self.fd`, which
+        // outlives the registration: it is dropped below, or on a panic as a
+        // local before the `self` parameter.
+        let registration = unsafe {
+            Registration::new(
+                control,
+                self.index,
+                immediate_exit.cast::<AtomicU8>().cast_const(),
+            )
+        };
         let end = self.run_loop(control);
         drop(registration);
         // Where a guest was when it was stopped is the first clue to a hang;
@@ -496,7 +505,8 @@ mod tests {
         let in_run = in_run.clone();
         std::thread::spawn(move || {
             let immediate_exit = AtomicU8::new(0);
-            let _registration = Registration::new(&control, index, &immediate_exit);
+            // SAFETY: dropped before `immediate_exit`, declared after it.
+            let _registration = unsafe { Registration::new(&control, index, &immediate_exit) };
             loop {
                 if control.stop.load(Ordering::SeqCst) {
                     return;
@@ -616,7 +626,9 @@ mod tests {
         let control = Arc::new(VcpuControl::new(2));
         let running = fake_vcpu(&control, 0, Duration::ZERO, &Arc::default());
         // vCPU 1 returns at once, as on a guest reset.
-        drop(Registration::new(&control, 1, &AtomicU8::new(0)));
+        let immediate_exit = AtomicU8::new(0);
+        // SAFETY: `immediate_exit` outlives the registration dropped here.
+        drop(unsafe { Registration::new(&control, 1, &immediate_exit) });
         assert_eq!(control.pause(), Err(NotRunning));
         stop_and_join(&control, vec![running]);
     }

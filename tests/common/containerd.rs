@@ -4,7 +4,8 @@
 //! the host-side cleanup both engines need.
 //!
 //! Each [`Containerd`] has its own root, state, socket and namespace under a
-//! temporary directory, so tests run side by side and never touch a
+//! temporary directory (the runtime's state in one under /run, see
+//! [`runtime_state_dir`]), so tests run side by side and never touch a
 //! containerd the host may run. Some paths are fixed inside containerd 1.6
 //! and cannot be moved: the shim's sockets go to /run/containerd/s (removed
 //! again when the last fixture of the process ends, if no one else had made
@@ -223,6 +224,17 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("({}: {e})", path.display()));
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A directory for the runtime's state (its `--root`), under /run like
+/// runc's and skiff's defaults and about as short: runtimes put unix
+/// sockets in there, below a directory named after the container (64
+/// characters for podman), and a socket's path must fit in 108 bytes.
+pub fn runtime_state_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("skiff-")
+        .tempdir_in("/run")
+        .expect("creating a runtime state directory in /run")
 }
 
 /// The names in `dir`, sorted; none if it does not exist.
@@ -480,6 +492,7 @@ const CONTAINERD_RUN_DIR: &str = "/run/containerd";
 /// A containerd daemon of the test's own.
 pub struct Containerd {
     dir: tempfile::TempDir,
+    runtime_state: tempfile::TempDir,
     daemon: Option<Child>,
     runtime: Runtime,
     namespace: String,
@@ -510,6 +523,7 @@ impl Containerd {
         };
         let mut fixture = Containerd {
             dir,
+            runtime_state: runtime_state_dir(),
             daemon: None,
             runtime: runtime.clone(),
             namespace: unique_name("skiff-test"),
@@ -546,7 +560,7 @@ impl Containerd {
     /// Where the shim tells the runtime to keep its state (`--root`):
     /// the runc shim appends the namespace.
     fn runtime_root(&self) -> PathBuf {
-        self.path("runtime-state")
+        self.runtime_state.path().to_path_buf()
     }
 
     /// A config with only what `ctr run` needs: no CRI (the slowest plugin
@@ -768,9 +782,16 @@ impl Containerd {
             let _ = std::fs::remove_file(socket);
         }
         cleanup::delete_runtime_state(&self.runtime, &self.runtime_root().join(&self.namespace));
+        // What the runtime itself left running (skiff's VM monitors) names
+        // its state directory.
+        cleanup::end_processes(
+            &cleanup::pids_mentioning(self.runtime_state.path()),
+            Duration::from_secs(5),
+        );
         cleanup::remove_cgroup(&self.namespace);
         cleanup::unmount_below(self.dir.path());
         cleanup::remove_tree(self.dir.path());
+        cleanup::remove_tree(self.runtime_state.path());
     }
 }
 

@@ -10,8 +10,10 @@ use serde_json::Value;
 use super::artifact;
 
 /// What the guest console shows when the host's exec defect (see
-/// tests/bundle_run.rs) killed a process.
-pub const HOST_TLS_DEFECT: &str = "segfault at 0 ";
+/// tests/bundle_run.rs) killed a process: the kernel's report, or (it is
+/// not always printed) the agent's debug line for a process that died of
+/// SIGSEGV, which no test container does on purpose.
+pub const HOST_DEFECT_SIGNS: [&str; 2] = ["segfault at 0 ", "exited: Signal(11)"];
 
 pub struct Oci {
     dir: tempfile::TempDir,
@@ -42,7 +44,13 @@ impl Oci {
     /// as an installation would have them in place.
     pub fn skiff(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_skiff"));
+        // Debug logs (the monitors' in their state directories, the agent's
+        // on the guest console) are what a failure is diagnosed from.
         cmd.arg("--root").arg(&self.root);
+        if std::env::var_os("SKIFF_TEST_QUIET_GUEST").is_none() {
+            cmd.arg("--debug");
+        }
+        cmd.arg("--log").arg(self.path("skiff.log"));
         self.vm_env(&mut cmd);
         cmd.stdin(Stdio::null());
         cmd
@@ -149,8 +157,10 @@ impl Oci {
     pub fn hit_host_defect(&self) -> bool {
         std::fs::read_dir(self.path("consoles"))
             .map(|dir| {
-                dir.flatten()
-                    .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains(HOST_TLS_DEFECT)))
+                dir.flatten().any(|e| {
+                    std::fs::read_to_string(e.path())
+                        .is_ok_and(|t| HOST_DEFECT_SIGNS.iter().any(|sign| t.contains(sign)))
+                })
             })
             .unwrap_or(false)
     }
@@ -203,6 +213,10 @@ impl Oci {
 impl Drop for Oci {
     fn drop(&mut self) {
         self.clean_up();
+        if std::thread::panicking() {
+            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()).keep();
+            eprintln!("consoles and logs kept in {}", kept.display());
+        }
     }
 }
 

@@ -3,9 +3,9 @@
 //!
 //! Nothing of the host's podman setup is read or written: the storage
 //! (`--root`, `--runroot`), libpod's state (`--tmpdir`), the configuration
-//! files (CONTAINERS_CONF and friends) and the runtime's own state all live
-//! in a temporary directory, and containers go in a cgroup parent of their
-//! own. Containers get no network (`--network none`): podman's default
+//! files (CONTAINERS_CONF and friends) live in a temporary directory, the
+//! runtime's own state in another under /run, and containers go in a
+//! cgroup parent of their own. Containers get no network (`--network none`): podman's default
 //! bridge would add an interface and iptables chains to the host.
 
 use std::ffi::OsStr;
@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use super::containerd::{
-    cleanup, describe, dir_entries, on_overlayfs, output_within, tail, unique_name, which, Runtime,
-    ENGINE_TIMEOUT,
+    cleanup, describe, dir_entries, on_overlayfs, output_within, runtime_state_dir, tail, unique_name, which,
+    Runtime, ENGINE_TIMEOUT,
 };
 
 /// The name the plain rootfs tarball of rootfs/build-busybox-oci.sh gets
@@ -31,6 +31,7 @@ const JSON_LOG_RUNTIMES: [&str; 6] = ["crun", "runc", "kata", "runsc", "youki", 
 
 pub struct Podman {
     dir: tempfile::TempDir,
+    runtime_state: tempfile::TempDir,
     runtime: Runtime,
     /// What podman is told the runtime is: a script that gives the real
     /// one its environment and private state root (see
@@ -54,13 +55,13 @@ impl Podman {
         };
         let mut fixture = Podman {
             dir,
+            runtime_state: runtime_state_dir(),
             runtime: runtime.clone(),
             wrapper: PathBuf::new(),
             cgroup_parent: format!("/{}", unique_name("skiff-test")),
             storage_driver,
         };
         std::fs::create_dir(fixture.path("bin")).unwrap();
-        std::fs::create_dir(fixture.runtime_root()).unwrap();
         // The runtime keeps its state here rather than in its default
         // (/run/runc for runc), so a container podman loses track of can
         // still be found and deleted.
@@ -79,7 +80,7 @@ impl Podman {
     }
 
     fn runtime_root(&self) -> PathBuf {
-        self.path("runtime-state")
+        self.runtime_state.path().to_path_buf()
     }
 
     fn calls_log(&self) -> PathBuf {
@@ -200,10 +201,9 @@ impl Podman {
 
 impl Drop for Podman {
     fn drop(&mut self) {
-        let quick = std::time::Duration::from_secs(20);
         let mut rm = self.command();
         rm.args(["rm", "--all", "--force", "--time", "0"]);
-        if let Err(e) = output_within(&mut rm, quick) {
+        if let Err(e) = output_within(&mut rm, ENGINE_TIMEOUT) {
             eprintln!("cleanup: {e}");
         }
         // conmon and the `podman container cleanup` it starts when a
@@ -214,9 +214,16 @@ impl Drop for Podman {
             std::time::Duration::from_secs(5),
         );
         cleanup::delete_runtime_state(&self.runtime, &self.runtime_root());
+        // What the runtime itself left running (skiff's VM monitors) names
+        // its state directory.
+        cleanup::end_processes(
+            &cleanup::pids_mentioning(self.runtime_state.path()),
+            std::time::Duration::from_secs(5),
+        );
         cleanup::remove_cgroup(&self.cgroup_parent);
         cleanup::unmount_below(self.dir.path());
         cleanup::remove_tree(self.dir.path());
+        cleanup::remove_tree(self.runtime_state.path());
     }
 }
 
