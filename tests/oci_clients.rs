@@ -3,9 +3,9 @@
 //! --runc-binary RUNTIME`) and podman 4.3 through conmon (`podman --runtime
 //! RUNTIME`), with the busybox images of rootfs/build-busybox-oci.sh.
 //!
-//! The runtime is [`runtime_under_test`]: runc, the reference, until
-//! skiff's runc-compatible CLI is complete; `SKIFF_OCI_TEST_RUNTIME=skiff`
-//! (or a path) picks another without editing this file.
+//! The runtime is [`runtime_under_test`]: skiff;
+//! `SKIFF_OCI_TEST_RUNTIME=runc` (or a path) runs the same tests against
+//! another, to tell a harness problem from a skiff one.
 
 mod common;
 
@@ -20,8 +20,8 @@ use common::podman::{Podman, BUSYBOX_IMPORTED};
 /// The runtime every test here hands to the engines.
 fn runtime_under_test() -> Runtime {
     match std::env::var("SKIFF_OCI_TEST_RUNTIME").as_deref() {
-        Ok("skiff") => skiff(),
-        Ok("runc") | Ok("") | Err(_) => runc(),
+        Ok("skiff") | Ok("") | Err(_) => skiff(),
+        Ok("runc") => runc(),
         // Absolute, since the shim runs it from the bundle's directory.
         Ok(path) => Runtime::new(
             std::fs::canonicalize(path).unwrap_or_else(|e| panic!("SKIFF_OCI_TEST_RUNTIME={path}: {e}")),

@@ -15,6 +15,8 @@ use serde::de::DeserializeOwned;
 
 /// Tells the child which descriptor is its ready pipe.
 const READY_FD_ENV: &str = "_SKIFF_READY_FD";
+/// The ready pipe's descriptor in the child: the first after stdio.
+const READY_FD: i32 = 3;
 
 /// A started child and the read end of its ready pipe.
 pub struct Detached {
@@ -29,7 +31,7 @@ pub fn spawn(args: Vec<OsString>, quiet: bool) -> anyhow::Result<Detached> {
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating the ready pipe")?;
     let exe = std::env::current_exe().context("finding the skiff executable")?;
     let mut cmd = Command::new(exe);
-    cmd.args(args).env(READY_FD_ENV, write.as_raw_fd().to_string());
+    cmd.args(args).env(READY_FD_ENV, READY_FD.to_string());
     if quiet {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -45,10 +47,19 @@ pub fn spawn(args: Vec<OsString>, quiet: bool) -> anyhow::Result<Detached> {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // The write end is the one descriptor of ours the child keeps.
-            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+            // The ready pipe becomes fd 3 (dup2 leaves it open across exec;
+            // if it is 3 already, its close-on-exec flag is cleared) ...
+            if fd == READY_FD {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, READY_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // ... and every other descriptor the caller leaked to us goes: a
+            // process that lives as long as the container must not keep, say,
+            // a shim's listening socket open (containerd's leaks into create).
+            libc::syscall(libc::SYS_close_range, READY_FD + 1, libc::c_uint::MAX, 0);
             Ok(())
         });
     }

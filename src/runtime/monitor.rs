@@ -145,6 +145,11 @@ fn prepare(options: MonitorOptions, cancel: &Cancel) -> Result<Monitor, RuntimeE
         pin_to(cpus)?;
     }
 
+    // Socket paths count against a 108-byte limit that a deep `--root` and
+    // a 64-character id (containerd's, podman's) exceed: the monitor works
+    // in the container's directory and names its sockets relative to it.
+    std::env::set_current_dir(&container.dir)
+        .map_err(|e| RuntimeError::io(format!("entering {}", container.dir.display()), e))?;
     let bundle = Bundle::load(&options.bundle)?;
     let guest_mounts = host_mounts::for_guest(bundle.spec.mounts().as_deref().unwrap_or(&[]))?;
     let image = image::prepare(&bundle.rootfs, &options.image_cache, options.image_format)?;
@@ -162,7 +167,7 @@ fn prepare(options: MonitorOptions, cancel: &Cancel) -> Result<Monitor, RuntimeE
         SandboxConfig {
             vm: options.vm,
             root_image: image.path.clone(),
-            work_dir: container.vm_dir(),
+            work_dir: PathBuf::from(state::VM_DIR),
             console: options
                 .guest_console
                 .map_or(ConsoleOutput::Null, ConsoleOutput::File),
@@ -207,7 +212,7 @@ fn prepare(options: MonitorOptions, cancel: &Cancel) -> Result<Monitor, RuntimeE
     shared.hook(HookKind::CreateContainer, &state)?;
 
     let socket = container.control_socket();
-    let listener = UnixListener::bind(&socket)
+    let listener = UnixListener::bind(state::CONTROL_SOCKET)
         .map_err(|e| RuntimeError::io(format!("binding {}", socket.display()), e))?;
     container.set_status(Status::Created, None)?;
     tracing::info!(

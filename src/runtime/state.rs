@@ -20,8 +20,10 @@ use super::error::RuntimeError;
 
 const RECORD_FILE: &str = "state.json";
 const LOCK_FILE: &str = "lock";
-const CONTROL_SOCKET: &str = "control.sock";
-const VM_DIR: &str = "vm";
+/// The monitor's socket, in the container's directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
+/// Where the VM keeps its sockets, in the container's directory.
+pub const VM_DIR: &str = "vm";
 
 /// The spec version skiff's state output follows.
 pub const OCI_VERSION: &str = "1.0.2";
@@ -266,11 +268,6 @@ impl Container {
 
     pub fn control_socket(&self) -> PathBuf {
         self.dir.join(CONTROL_SOCKET)
-    }
-
-    /// Where the VM keeps its sockets.
-    pub fn vm_dir(&self) -> PathBuf {
-        self.dir.join(VM_DIR)
     }
 
     pub fn remove(&self) -> Result<(), RuntimeError> {
