@@ -111,7 +111,11 @@ pub fn run(globals: &Globals, args: ExecArgs) -> anyhow::Result<i32> {
         Ok(other) => bail!("unexpected answer from the container's VMM: {other:?}"),
         Err(e) => {
             report(ready, &ExecReport::failed(&e));
-            return Err(e.into());
+            // The status says what went wrong (127: no such executable), as
+            // a shell's does.
+            tracing::debug!("{e}");
+            eprintln!("skiff: error: {e}");
+            return Ok(e.exit_code());
         }
     };
     report(ready, &ExecReport::Started);
