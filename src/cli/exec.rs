@@ -119,6 +119,10 @@ pub fn run(globals: &Globals, args: ExecArgs) -> anyhow::Result<i32> {
         }
     };
     report(ready, &ExecReport::Started);
+    // Detached, the command that started this one writes the file.
+    if let (Some(path), false) = (&args.pid_file, args.detached_child) {
+        super::create::write_pid_file(path, std::process::id())?;
+    }
 
     let target = container.clone();
     let process_id = id.clone();

@@ -16,6 +16,10 @@ use skiff_protocol::{read_frame, write_frame, Process};
 
 use super::error::RuntimeError;
 
+/// Socket paths at least this long are connected to through their
+/// directory (sun_path holds 108 bytes with its terminating zero).
+const SUN_PATH_SHORT: usize = 100;
+
 /// Most descriptors one message carries: stdin, stdout, stderr.
 pub const MAX_FDS: usize = 3;
 
@@ -90,7 +94,20 @@ impl Response {
 /// Connects to a monitor's socket; a monitor that is gone reads as a
 /// container that is not running.
 pub fn connect(socket: &Path) -> Result<UnixStream, RuntimeError> {
-    UnixStream::connect(socket).map_err(|e| match e.kind() {
+    // A socket path past sun_path's 108 bytes (a deep root, a 64-character
+    // id) is reached through a descriptor of its directory instead.
+    let dir;
+    let short;
+    let path = match (socket.parent(), socket.file_name()) {
+        (Some(parent), Some(name)) if socket.as_os_str().len() >= SUN_PATH_SHORT => {
+            dir = std::fs::File::open(parent)
+                .map_err(|e| RuntimeError::io(format!("opening {}", parent.display()), e))?;
+            short = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+            short.as_path()
+        }
+        _ => socket,
+    };
+    UnixStream::connect(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
             RuntimeError::State("container not running".into())
         }

@@ -11,7 +11,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -42,6 +42,13 @@ use crate::vmm::{ConsoleOutput, PauseHandle};
 /// The status the monitor exits with when the VM ends under the container
 /// (a guest crash): no process status exists to report.
 const VM_LOST_STATUS: i32 = 255;
+/// How long a command waits for the guest agent's answer before it fails:
+/// far beyond what it takes (seconds, even on software-KVM hosts), so only
+/// an agent that lost the request runs into it.
+const AGENT_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the end of the container waits for exec'd processes' callers
+/// to be told their status.
+const EXEC_ANSWER_GRACE: Duration = Duration::from_secs(2);
 /// How often a terminal's window size is looked at for changes.
 const RESIZE_POLL: Duration = Duration::from_millis(250);
 
@@ -131,6 +138,8 @@ struct Shared {
     /// the last thing that happened.
     lifecycle: Mutex<()>,
     finished: AtomicBool,
+    /// Exec'd processes whose callers still wait for their status.
+    execs: AtomicUsize,
 }
 
 fn prepare(options: MonitorOptions, cancel: &Cancel) -> Result<Monitor, RuntimeError> {
@@ -199,6 +208,7 @@ fn prepare(options: MonitorOptions, cancel: &Cancel) -> Result<Monitor, RuntimeE
         next_id: AtomicU64::new(1),
         lifecycle: Mutex::default(),
         finished: AtomicBool::new(false),
+        execs: AtomicUsize::new(0),
     });
     let stdio = match (terminal, &options.console_socket) {
         (true, Some(socket)) => Stdio::Console(socket.clone()),
@@ -274,25 +284,32 @@ impl Monitor {
     }
 
     fn finish(self, status: i32) -> i32 {
-        // Output is complete when the agent reports the exit.
+        // First, since a command waiting for the guest may hold the
+        // lifecycle lock: it hears the container ended and lets go.
+        self.shared.close_routes();
+        // Output is complete when the agent reports the exit; when the
+        // guest went away instead, its streams end with the VM.
+        if status == VM_LOST_STATUS {
+            self.sandbox.stop_handle().stop();
+        }
         for o in self.outputs {
             let _ = o.join();
         }
         {
             let _held = self.shared.lock_lifecycle();
-            self.shared.finished.store(true, Ordering::SeqCst);
             if let Err(e) = self.shared.container.set_status(Status::Stopped, Some(status)) {
                 tracing::error!("recording the exit: {e}");
             }
         }
         // Commands arriving from now on find no one and report the
-        // container as not running; those waiting hear it ended.
+        // container as not running.
         let _ = std::fs::remove_file(self.shared.container.control_socket());
-        self.shared
-            .routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        // Exec'd processes died with the container; their callers (a shim
+        // waits on them) get a status rather than a closed connection.
+        let deadline = Instant::now() + EXEC_ANSWER_GRACE;
+        while self.shared.execs.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         // The guest holds nothing the host needs (its root is a read-only
         // image, its writes lived in guest memory): it is stopped, not shut
         // down, so the exit status reaches the caller without waiting.
@@ -324,13 +341,22 @@ impl Shared {
         }
     }
 
+    /// Where the agent's answers about `id` arrive. Once the container has
+    /// ended none will: the receiver then reports that at once.
     fn route(&self, id: &str) -> Receiver<AgentMessage> {
         let (tx, rx) = mpsc::channel();
-        self.routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_owned(), tx);
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.finished.load(Ordering::SeqCst) {
+            routes.insert(id.to_owned(), tx);
+        }
         rx
+    }
+
+    /// Tells every command waiting for the guest that it will not answer.
+    fn close_routes(&self) {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        self.finished.store(true, Ordering::SeqCst);
+        routes.clear();
     }
 
     fn unroute(&self, id: &str) {
@@ -526,7 +552,13 @@ impl Shared {
     /// Runs a further process, answering `ExecStarted` and later `Exited`
     /// on `conn`. The connection is the process's lifeline: when the caller
     /// goes away before it exits, it is killed.
-    fn exec(self: Arc<Self>, mut conn: UnixStream, process: Process, stdio: Stdio) {
+    fn exec(self: Arc<Self>, conn: UnixStream, process: Process, stdio: Stdio) {
+        self.execs.fetch_add(1, Ordering::SeqCst);
+        self.clone().run_exec(conn, process, stdio);
+        self.execs.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn run_exec(self: Arc<Self>, mut conn: UnixStream, process: Process, stdio: Stdio) {
         let id = self.fresh_id("exec");
         let replies = self.route(&id);
         let started = self.exec_start(&id, &replies, &process, stdio);
@@ -741,9 +773,15 @@ impl Shared {
 }
 
 fn await_reply(replies: &Receiver<AgentMessage>) -> Result<AgentMessage, RuntimeError> {
-    replies
-        .recv()
-        .map_err(|_| state_error("the container stopped before the guest answered"))
+    replies.recv_timeout(AGENT_ANSWER_TIMEOUT).map_err(|e| match e {
+        mpsc::RecvTimeoutError::Disconnected => {
+            state_error("the container stopped before the guest answered")
+        }
+        mpsc::RecvTimeoutError::Timeout => RuntimeError::Agent(format!(
+            "no answer from the guest within {} s",
+            AGENT_ANSWER_TIMEOUT.as_secs()
+        )),
+    })
 }
 
 fn state_error(message: &str) -> RuntimeError {

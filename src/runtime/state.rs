@@ -25,6 +25,9 @@ pub const CONTROL_SOCKET: &str = "control.sock";
 /// Where the VM keeps its sockets, in the container's directory.
 pub const VM_DIR: &str = "vm";
 
+/// How old a directory without a record must be to count as left over.
+const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The spec version skiff's state output follows.
 pub const OCI_VERSION: &str = "1.0.2";
 
@@ -164,10 +167,18 @@ impl Store {
     }
 
     /// A directory under the root left without a record (a create that died
-    /// before writing one); removing it makes the id usable again.
+    /// before writing one); removing it makes the id usable again. One that
+    /// is younger than [`LEFTOVER_AGE`] may be a create in progress, which
+    /// writes its record right after making it, and is left alone.
     pub fn remove_leftover(&self, id: &str) -> Result<(), RuntimeError> {
         validate_id(id)?;
         let dir = self.root.join(id);
+        let young = fs::metadata(&dir)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < LEFTOVER_AGE));
+        if young || dir.join(RECORD_FILE).exists() {
+            return Ok(());
+        }
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
