@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use common::artifact;
 use common::containerd::{describe, Containerd, Runtime, BUSYBOX_IMAGE};
+use common::oci::HOST_DEFECT_SIGNS;
 use common::podman::{Podman, BUSYBOX_IMPORTED};
 
 /// The runtime every test here hands to the engines.
@@ -73,10 +74,6 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// What a guest console shows when the host defect bundle_run.rs describes
-/// kills a freshly exec'd busybox (`segfault at 0 ... in busybox`).
-const HOST_TLS_DEFECT: &str = "segfault at 0 ";
-
 /// Runs `attempt`, and again (up to three times in all) while it fails
 /// with a guest console showing the host defect above. Runtimes without
 /// guest consoles (runc) get exactly one attempt.
@@ -90,12 +87,12 @@ fn retry_on_host_defect(runtime: &Runtime, attempt: impl Fn()) {
     for tried in 1.. {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&attempt));
         let Err(panic) = outcome else { return };
-        let defect =
-            consoles.as_ref().is_some_and(|dir| {
-                std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| {
-                    std::fs::read_to_string(e.path()).is_ok_and(|text| text.contains(HOST_TLS_DEFECT))
-                })
-            });
+        let defect = consoles.as_ref().is_some_and(|dir| {
+            std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| {
+                std::fs::read_to_string(e.path())
+                    .is_ok_and(|text| HOST_DEFECT_SIGNS.iter().any(|sign| text.contains(sign)))
+            })
+        });
         if tried == ATTEMPTS || !defect {
             std::panic::resume_unwind(panic);
         }

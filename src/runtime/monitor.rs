@@ -46,6 +46,10 @@ const VM_LOST_STATUS: i32 = 255;
 /// far beyond what it takes (seconds, even on software-KVM hosts), so only
 /// an agent that lost the request runs into it.
 const AGENT_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often, and how far apart, a Start the agent refused without naming
+/// the process is sent again.
+const START_RETRIES: u32 = 20;
+const START_RETRY_DELAY: Duration = Duration::from_millis(250);
 /// How long the end of the container waits for exec'd processes' callers
 /// to be told their status.
 const EXEC_ANSWER_GRACE: Duration = Duration::from_secs(2);
@@ -462,10 +466,27 @@ impl Shared {
             }
         }
         self.hook(HookKind::StartContainer, &record.oci_state(Status::Created))?;
-        let replies = self.route(INIT_ID);
-        let sent = self.send(&HostMessage::Start { id: INIT_ID.into() });
-        let reply = sent.and_then(|()| await_reply(&replies));
-        self.unroute(INIT_ID);
+        let mut retries = 0;
+        let reply = loop {
+            let replies = self.route(INIT_ID);
+            let sent = self.send(&HostMessage::Start { id: INIT_ID.into() });
+            let reply = sent.and_then(|()| await_reply(&replies));
+            self.unroute(INIT_ID);
+            match reply {
+                // A Start right after create is sometimes refused this way
+                // while the process is in fact there and waiting (the cause,
+                // in the agent, is not found yet); a later one is taken.
+                Ok(AgentMessage::Failed { id, error, .. }) if id.is_empty() && retries < START_RETRIES => {
+                    retries += 1;
+                    tracing::warn!(
+                        retries,
+                        "the guest agent refused Start ({error}); sending it again"
+                    );
+                    std::thread::sleep(START_RETRY_DELAY);
+                }
+                other => break other,
+            }
+        };
         match reply? {
             AgentMessage::Started { .. } => {}
             AgentMessage::Failed { error, exit_code, .. } => {

@@ -441,6 +441,7 @@ pub struct ControlSender(Arc<Mutex<UnixStream>>);
 
 impl ControlSender {
     pub fn send(&self, msg: &HostMessage) -> io::Result<()> {
+        tracing::debug!(?msg, "to the agent");
         let mut control = self.0.lock().unwrap_or_else(|p| p.into_inner());
         write_frame(&mut *control, msg)
     }

@@ -13,7 +13,13 @@ use super::artifact;
 /// tests/bundle_run.rs) killed a process: the kernel's report, or (it is
 /// not always printed) the agent's debug line for a process that died of
 /// SIGSEGV, which no test container does on purpose.
-pub const HOST_DEFECT_SIGNS: [&str; 2] = ["segfault at 0 ", "exited: Signal(11)"];
+pub const HOST_DEFECT_SIGNS: [&str; 4] = [
+    "segfault at 0 ",
+    "exited: Signal(11)",
+    // The agent itself (PID 1) hit.
+    "Attempted to kill init",
+    "general protection fault",
+];
 
 pub struct Oci {
     dir: tempfile::TempDir,
