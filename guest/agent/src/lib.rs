@@ -140,6 +140,14 @@ fn uptime_ms() -> u64 {
 /// The agent as PID 1 of the VM. Never returns: when the agent is done,
 /// the VM powers off.
 pub fn vm_main() -> ! {
+    // One malloc arena for every thread. On software-KVM hosts a thread's
+    // fresh arena (a new 64 MiB mapping) has been seen to read back stale
+    // or zero pages: stream threads crashed writing their first heap
+    // chunk and the control thread read garbage keys, so requests failed
+    // or the agent died. The main arena is mapped and warm before any
+    // thread starts; the agent's allocations are few and small.
+    // SAFETY: mallopt only sets a malloc tunable; called before any thread.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     pid1::install_panic_hook();
     pid1::early_setup();
     let debug = pid1::debug_requested();
