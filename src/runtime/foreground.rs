@@ -6,9 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use skiff_protocol::{
-    streams_for, AgentMessage, ContainerSpec, HostMessage, RootDevice, StreamKind, INIT_ID,
-};
+use skiff_protocol::{streams_for, AgentMessage, HostMessage, StreamKind, INIT_ID};
 
 use super::bundle::Bundle;
 use super::error::RuntimeError;
@@ -57,34 +55,24 @@ pub fn run(
     let work_dir = options
         .state_dir
         .join(format!("run-{}-{}", std::process::id(), t0.elapsed().as_nanos()));
-    let mut extra_cmdline = Vec::new();
-    if options.debug_guest {
-        extra_cmdline.push("skiff.debug".to_owned());
-    }
     let mut sandbox = Sandbox::boot(
         SandboxConfig {
             vm: options.vm,
             root_image: image.path.clone(),
             work_dir,
             console: options.console.map_or(ConsoleOutput::Null, ConsoleOutput::File),
-            extra_cmdline,
+            debug_guest: options.debug_guest,
         },
         cancel,
     )?;
     let t_ready = Instant::now();
 
     let process = bundle.process().clone();
-    let spec = ContainerSpec {
-        root: RootDevice {
-            device: "/dev/vda".into(),
-            fstype: image.format.fstype().into(),
-            readonly: bundle.readonly_root(),
-        },
-        hostname: bundle.spec.hostname().clone(),
-        mounts: bundle.spec.mounts().clone().unwrap_or_default(),
-        files: Vec::new(),
-        process: process.clone(),
-    };
+    let spec = bundle.container_spec(
+        image.format,
+        bundle.spec.mounts().clone().unwrap_or_default(),
+        Vec::new(),
+    );
     let created = match sandbox.create_container(spec) {
         Ok(c) => c,
         Err(e) => {

@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 use oci_spec::runtime::Hooks;
 use serde::{Deserialize, Serialize};
 use skiff_protocol::{
-    read_frame, streams_for, write_frame, AgentMessage, ContainerSpec, ExitStatus, HostMessage, Process,
-    RootDevice, StreamKind, INIT_ID,
+    read_frame, streams_for, write_frame, AgentMessage, ExitStatus, HostMessage, Process, StreamKind, INIT_ID,
 };
 
 use super::bundle::Bundle;
@@ -172,10 +171,6 @@ fn prepare(options: MonitorOptions, cancel: &Cancel) -> Result<Monitor, RuntimeE
         ms = t0.elapsed().as_millis() as u64,
         "root filesystem image ready"
     );
-    let mut extra_cmdline = Vec::new();
-    if options.debug_guest {
-        extra_cmdline.push("skiff.debug".to_owned());
-    }
     let mut sandbox = Sandbox::boot(
         SandboxConfig {
             vm: options.vm,
@@ -184,24 +179,14 @@ fn prepare(options: MonitorOptions, cancel: &Cancel) -> Result<Monitor, RuntimeE
             console: options
                 .guest_console
                 .map_or(ConsoleOutput::Null, ConsoleOutput::File),
-            extra_cmdline,
+            debug_guest: options.debug_guest,
         },
         cancel,
     )?;
     let t_ready = Instant::now();
     let process = bundle.process().clone();
     let terminal = process.terminal().unwrap_or(false);
-    sandbox.create_container(ContainerSpec {
-        root: RootDevice {
-            device: "/dev/vda".into(),
-            fstype: image.format.fstype().into(),
-            readonly: bundle.readonly_root(),
-        },
-        hostname: bundle.spec.hostname().clone(),
-        mounts: guest_mounts.mounts,
-        files: guest_mounts.files,
-        process: process.clone(),
-    })?;
+    sandbox.create_container(bundle.container_spec(image.format, guest_mounts.mounts, guest_mounts.files))?;
     let shared = Arc::new(Shared {
         container: container.clone(),
         sender: sandbox.sender(),

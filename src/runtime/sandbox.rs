@@ -48,8 +48,8 @@ pub struct SandboxConfig {
     /// A directory this sandbox creates for its sockets and removes again.
     pub work_dir: PathBuf,
     pub console: ConsoleOutput,
-    /// Added to the kernel command line (e.g. `skiff.debug`).
-    pub extra_cmdline: Vec<String>,
+    /// The agent logs every step on the console.
+    pub debug_guest: bool,
 }
 
 /// Something the sandbox has to report.
@@ -110,9 +110,9 @@ impl Sandbox {
             .map_err(|e| RuntimeError::io("control socket", e))?;
 
         let mut cmdline = vmm::DEFAULT_CMDLINE.to_owned();
-        for extra in &config.extra_cmdline {
+        if config.debug_guest {
             cmdline.push(' ');
-            cmdline.push_str(extra);
+            cmdline.push_str(skiff_protocol::DEBUG_FLAG);
         }
         let vm = config.vm;
         let mut vm_config = VmConfig::new(BootSource::Linux {

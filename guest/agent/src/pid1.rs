@@ -1,6 +1,7 @@
 //! What the agent does because it is the VM's init: the early mounts and
 //! console, signal dispositions, and powering off.
 
+use skiff_protocol::DEBUG_FLAG;
 use std::fs;
 use std::os::fd::{AsRawFd, IntoRawFd};
 use std::time::Duration;
@@ -119,9 +120,10 @@ fn attach_console() {
 pub fn debug_requested() -> bool {
     fs::read_to_string("/proc/cmdline")
         .map(|cmdline| {
-            cmdline
-                .split_whitespace()
-                .any(|w| w == "skiff.debug" || w == "skiff.debug=1")
+            cmdline.split_whitespace().any(|w| {
+                w.strip_prefix(DEBUG_FLAG)
+                    .is_some_and(|rest| rest.is_empty() || rest == "=1")
+            })
         })
         .unwrap_or(false)
 }

@@ -66,6 +66,9 @@ pub const STREAM_PORT: u32 = 1025;
 /// The id of the container's own process (OCI `process`); exec'd processes
 /// get ids chosen by the host.
 pub const INIT_ID: &str = "init";
+/// On the guest kernel's command line: the agent logs every step on the
+/// console.
+pub const DEBUG_FLAG: &str = "skiff.debug";
 /// Largest frame either side accepts: a process spec with a big environment
 /// fits many times over, a corrupted length prefix does not.
 pub const MAX_FRAME: u32 = 16 << 20;
