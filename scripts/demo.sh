@@ -11,11 +11,13 @@ eval "$exports"
 
 bundle=$(mktemp -d)
 trap 'rm -rf "$bundle"' EXIT
-# The rootfs is shared and cached; the bundle only points at it.
+# The container's own copy of the cached rootfs: it is shared with the
+# guest by virtio-fs, so what the container writes lands there.
+cp -a "$SKIFF_BUSYBOX_ROOTFS" "$bundle/rootfs"
 cat >"$bundle/config.json" <<JSON
 {
   "ociVersion": "1.0.2",
-  "root": {"path": "$SKIFF_BUSYBOX_ROOTFS", "readonly": false},
+  "root": {"path": "rootfs", "readonly": false},
   "hostname": "skiff-demo",
   "process": {
     "terminal": false,

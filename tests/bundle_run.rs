@@ -32,7 +32,16 @@ impl Fixture {
         let f = Fixture {
             dir: tempfile::tempdir().unwrap(),
         };
-        let rootfs = artifact("SKIFF_BUSYBOX_ROOTFS", "rootfs/build-busybox-rootfs.sh");
+        // Its own copy: the container's writes land in its rootfs.
+        let rootfs = f.path("rootfs");
+        let busybox = artifact("SKIFF_BUSYBOX_ROOTFS", "rootfs/build-busybox-rootfs.sh");
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(&busybox)
+            .arg(&rootfs)
+            .status()
+            .unwrap();
+        assert!(copied.success());
         std::fs::create_dir(f.path("bundle")).unwrap();
         std::fs::create_dir(f.path("state")).unwrap();
         f.write_config(config(&rootfs, process));
@@ -239,21 +248,9 @@ fn process_output_status_identity_and_orphans() {
     p["env"] = json!(["PATH=/bin", "FOO=bar baz"]);
     let f = Fixture::new(p);
     let rootfs = f.path("rootfs");
-    let busybox = artifact("SKIFF_BUSYBOX_ROOTFS", "rootfs/build-busybox-rootfs.sh");
-    let copied = Command::new("cp")
-        .arg("-a")
-        .arg(&busybox)
-        .arg(&rootfs)
-        .status()
-        .unwrap();
-    assert!(copied.success());
     std::fs::create_dir(rootfs.join("data")).unwrap();
     let data = big_data();
     std::fs::write(rootfs.join("data/big"), &data).unwrap();
-    let mut c: Value = serde_json::from_slice(&std::fs::read(f.path("bundle/config.json")).unwrap()).unwrap();
-    c["root"]["path"] = json!(rootfs);
-    f.write_config(c);
-
     retry_on_host_defect(&f, |f| identity_and_big_output(f, &data));
 }
 
@@ -296,10 +293,11 @@ fn identity_and_big_output(f: &Fixture, data: &[u8]) {
     eprintln!("figures: whole run {:?}", started.elapsed());
 }
 
-/// One boot: stdin reaches `cat` and its end ends `cat`; then SIGTERM sent
-/// to skiff reaches `sleep 1000` in the guest, which dies of it (143),
-/// leaving behind a zombie (`true`, whose parent `sleep` never reaps it) and
-/// an orphan, neither of which keeps the VM alive.
+/// One boot, with the root as a block image rather than shared: stdin
+/// reaches `cat` and its end ends `cat`; then SIGTERM sent to skiff reaches
+/// `sleep 1000` in the guest, which dies of it (143), leaving behind a
+/// zombie (`true`, whose parent `sleep` never reaps it) and an orphan,
+/// neither of which keeps the VM alive.
 #[test]
 fn stdin_round_trip_sigterm_and_a_zombie() {
     let f = Fixture::new(process(&[
@@ -307,6 +305,9 @@ fn stdin_round_trip_sigterm_and_a_zombie() {
         "-c",
         "true & sleep 1000 & cat; echo cat-done; exec sleep 1000",
     ]));
+    let mut c: Value = serde_json::from_slice(&std::fs::read(f.path("bundle/config.json")).unwrap()).unwrap();
+    c["annotations"] = json!({"io.skiff.rootfs": "block"});
+    f.write_config(c);
     retry_on_host_defect(&f, stdin_and_sigterm);
 }
 

@@ -16,6 +16,7 @@ use crate::runtime::monitor::ReadyReport;
 use crate::runtime::sizing::{self, VmSize};
 use crate::runtime::state::{self, Container, Record, Status};
 use crate::runtime::RuntimeError;
+use crate::runtime::{host_mounts, root};
 
 /// The monitor's log when the caller asked for none: not the container's
 /// stderr, which the monitor's own stderr is.
@@ -84,6 +85,10 @@ pub fn create(
     }
     let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let size = sizing::size_for(&bundle.spec, host_cpus)?;
+    // Checked here too, so that a bad mount or root is reported before an
+    // id is claimed; the monitor does the work.
+    host_mounts::for_guest(bundle.spec.mounts().as_deref().unwrap_or(&[]))?;
+    root::mode(&bundle.spec)?;
     options.vm.check()?;
 
     let store = globals.store();

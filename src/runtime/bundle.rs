@@ -7,14 +7,10 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{Mount, Process, Spec};
-use skiff_protocol::{ContainerSpec, RootDevice, StagedFile};
+use skiff_protocol::{ContainerSpec, RootFs, RootSource, StagedFile};
 
 use super::error::RuntimeError;
-use super::image::ImageFormat;
 use super::resolve::{find_executable, lookup_passwd, resolve_in_root};
-
-/// The guest's name for the root image: the VM's first virtio disk.
-const ROOT_DEVICE: &str = "/dev/vda";
 
 /// A bundle whose config.json parsed and whose rootfs and process make sense.
 #[derive(Debug)]
@@ -75,18 +71,16 @@ impl Bundle {
     }
 
     /// What the agent needs to make this bundle's container from its root
-    /// image (attached as the first disk) and the mounts as the guest can
-    /// have them.
+    /// and the mounts as the guest can have them.
     pub fn container_spec(
         &self,
-        image: ImageFormat,
+        root: RootSource,
         mounts: Vec<Mount>,
         files: Vec<StagedFile>,
     ) -> ContainerSpec {
         ContainerSpec {
-            root: RootDevice {
-                device: ROOT_DEVICE.into(),
-                fstype: image.fstype().into(),
+            root: RootFs {
+                source: root,
                 readonly: self.readonly_root(),
             },
             hostname: self.spec.hostname().clone(),

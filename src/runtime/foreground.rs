@@ -10,9 +10,10 @@ use skiff_protocol::{streams_for, AgentMessage, HostMessage, StreamKind, INIT_ID
 
 use super::bundle::Bundle;
 use super::error::RuntimeError;
-use super::image::{self, ImageFormat};
+use super::image::ImageFormat;
 use super::relay::{self, OutputMeter};
 use super::sandbox::{describe_end, Cancel, ControlSender, Event, Sandbox, SandboxConfig, VmResources};
+use super::{host_mounts, root};
 use crate::vmm::ConsoleOutput;
 
 /// Everything `run` needs besides the caller's stdio.
@@ -43,14 +44,9 @@ pub fn run(
 ) -> Result<i32, RuntimeError> {
     let t0 = Instant::now();
     let bundle = Bundle::load(&options.bundle)?;
-    let image = image::prepare(&bundle.rootfs, &options.image_cache, options.image_format)?;
+    let guest_mounts = host_mounts::for_guest(bundle.spec.mounts().as_deref().unwrap_or(&[]))?;
+    let root = root::prepare(&bundle, &options.image_cache, options.image_format)?;
     let t_image = Instant::now();
-    tracing::info!(
-        image = %image.path.display(),
-        reused = image.reused,
-        ms = (t_image - t0).as_millis() as u64,
-        "root filesystem image ready"
-    );
 
     let work_dir = options
         .state_dir
@@ -58,7 +54,8 @@ pub fn run(
     let mut sandbox = Sandbox::boot(
         SandboxConfig {
             vm: options.vm,
-            root_image: image.path.clone(),
+            root: root.guest,
+            shares: guest_mounts.shares,
             work_dir,
             console: options.console.map_or(ConsoleOutput::Null, ConsoleOutput::File),
             debug_guest: options.debug_guest,
@@ -68,11 +65,7 @@ pub fn run(
     let t_ready = Instant::now();
 
     let process = bundle.process().clone();
-    let spec = bundle.container_spec(
-        image.format,
-        bundle.spec.mounts().clone().unwrap_or_default(),
-        Vec::new(),
-    );
+    let spec = bundle.container_spec(root.source, guest_mounts.mounts, guest_mounts.files);
     let created = match sandbox.create_container(spec) {
         Ok(c) => c,
         Err(e) => {

@@ -1,28 +1,30 @@
 //! The OCI `mounts` of config.json, made to work in a guest that cannot see
-//! the host's filesystem. Bind mounts name host paths as their sources;
-//! until a shared filesystem exists:
+//! the host's filesystem. Bind mounts name host paths as their sources:
 //!
+//! - a directory is shared by virtio-fs ([`FsConfig`]) and mounted at the
+//!   destination by its tag: both sides see each other's changes live, and
+//!   `ro` is enforced by the host as well as the guest;
 //! - a small regular file is copied into the guest ([`StagedFile`]) and the
-//!   bind names the copy: `/etc/hosts`, `/etc/resolv.conf`, secrets;
-//! - a directory becomes an empty tmpfs: the container runs, but does not
-//!   see the host's files, and its writes stay in the VM (with a warning);
+//!   bind names the copy: `/etc/hosts`, `/etc/resolv.conf`, secrets
+//!   (virtio-fs shares directories, and sharing a file's directory would
+//!   show the container its neighbours);
 //! - a memory device such as `/dev/null` (engines bind it to mask paths)
 //!   binds the guest's own device of the same kind;
 //! - anything else (sockets, fifos, block devices) is refused.
 //!
 //! Mounts that are not binds name no host path and pass through unchanged.
 
-use std::fs::{self, File, Metadata};
+use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use nix::sys::stat;
 use oci_spec::runtime::Mount;
-use skiff_protocol::{staged_file_path, StagedFile, MAX_FRAME};
+use skiff_protocol::{share_tag, staged_file_path, StagedFile, MAX_FRAME, SHARED_MOUNT_TYPE};
 
 use super::error::RuntimeError;
-use crate::vmm::MemorySize;
+use crate::vmm::{layout, FsConfig, MemorySize, ShareFlags};
 
 /// The largest host file a bind may stage into the guest.
 pub const MAX_STAGED_FILE: u64 = 1 << 20;
@@ -32,9 +34,49 @@ pub const MAX_STAGED_FILE: u64 = 1 << 20;
 pub const MAX_STAGED_TOTAL: u64 = 8 << 20;
 const _: () = assert!(MAX_STAGED_TOTAL / 3 * 4 < MAX_FRAME as u64 * 3 / 4);
 
-/// Options of a bind that still make sense on the tmpfs that replaces a
-/// host directory; `bind`, propagation and the rest are dropped.
-const TMPFS_KEPT_OPTIONS: &[&str] = &["ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec"];
+/// The options a bind mount may have: those the agent applies (flags and
+/// propagation) and runc's `defaults`. Anything else (`idmap`, a typo) is
+/// refused rather than silently dropped.
+pub const BIND_OPTIONS: &[&str] = &[
+    "bind",
+    "rbind",
+    "defaults",
+    "ro",
+    "rw",
+    "nosuid",
+    "suid",
+    "nodev",
+    "dev",
+    "noexec",
+    "exec",
+    "atime",
+    "noatime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "diratime",
+    "nodiratime",
+    "sync",
+    "async",
+    "dirsync",
+    "lazytime",
+    "nolazytime",
+    "private",
+    "rprivate",
+    "shared",
+    "rshared",
+    "slave",
+    "rslave",
+    "unbindable",
+    "runbindable",
+];
+/// Options of a bind that describe the bind itself; a shared directory's
+/// virtio-fs mount is not a bind.
+const BIND_ONLY_OPTIONS: &[&str] = &["bind", "rbind", "defaults"];
+/// Every VM has a vsock device and a root (shared or a disk); the rest of
+/// the virtio slots can carry shared directories.
+pub const MAX_SHARED_DIRS: usize = layout::MAX_VIRTIO_DEVICES - 2;
 
 /// Character devices every guest has in its devtmpfs: (major, minor, path).
 const GUEST_DEVICES: &[(u64, u64, &str)] = &[
@@ -45,11 +87,13 @@ const GUEST_DEVICES: &[(u64, u64, &str)] = &[
     (1, 9, "/dev/urandom"),
 ];
 
-/// The mounts to send the guest, and the files their binds need there.
+/// The mounts to send the guest, the files their binds need there and the
+/// directories the VM must share for them.
 #[derive(Debug, Default, PartialEq)]
 pub struct GuestMounts {
     pub mounts: Vec<Mount>,
     pub files: Vec<StagedFile>,
+    pub shares: Vec<FsConfig>,
 }
 
 /// Translates config.json's `mounts` for the guest, keeping their order.
@@ -63,7 +107,8 @@ pub fn for_guest(mounts: &[Mount]) -> Result<GuestMounts, RuntimeError> {
             ));
         }
         let mount = if is_bind(m) {
-            bind_for_guest(m, &mut guest.files)?
+            check_bind_options(m)?;
+            bind_for_guest(m, &mut guest)?
         } else {
             m.clone()
         };
@@ -72,9 +117,25 @@ pub fn for_guest(mounts: &[Mount]) -> Result<GuestMounts, RuntimeError> {
     Ok(guest)
 }
 
-/// The guest's version of bind mount `m`, staging its source in `files`
-/// if it is a file.
-fn bind_for_guest(m: &Mount, files: &mut Vec<StagedFile>) -> Result<Mount, RuntimeError> {
+fn check_bind_options(m: &Mount) -> Result<(), RuntimeError> {
+    match m
+        .options()
+        .iter()
+        .flatten()
+        .find(|o| !BIND_OPTIONS.contains(&o.as_str()))
+    {
+        Some(option) => Err(invalid(
+            m.destination(),
+            &format!("option {option:?} is not supported on a bind mount"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The guest's version of bind mount `m`, staging its source in `guest`'s
+/// files if it is a file, sharing it if it is a directory.
+fn bind_for_guest(m: &Mount, guest: &mut GuestMounts) -> Result<Mount, RuntimeError> {
+    let files = &mut guest.files;
     let destination = m.destination();
     let source = m
         .source()
@@ -106,13 +167,23 @@ fn bind_for_guest(m: &Mount, files: &mut Vec<StagedFile>) -> Result<Mount, Runti
         });
         Ok(with_source(m, PathBuf::from(path)))
     } else if kind.is_dir() {
-        tracing::warn!(
-            "mount {}: host directory {} is not shared with the guest; the container \
-             sees an empty directory there, and what it writes stays in the VM",
-            destination.display(),
-            source.display()
-        );
-        Ok(empty_tmpfs(m, &meta))
+        if guest.shares.len() == MAX_SHARED_DIRS {
+            return Err(fail(&format!(
+                "cannot be shared: a VM shares at most {MAX_SHARED_DIRS} host directories"
+            )));
+        }
+        let tag = share_tag(guest.shares.len());
+        let options: Vec<&str> = m.options().iter().flatten().map(String::as_str).collect();
+        let read_only = options.iter().rev().find(|o| matches!(**o, "ro" | "rw")) == Some(&"ro");
+        guest.shares.push(FsConfig {
+            tag: tag.clone(),
+            shared_dir: source.to_owned(),
+            flags: ShareFlags {
+                read_only,
+                recursive: options.contains(&"rbind"),
+            },
+        });
+        Ok(shared_mount(m, tag))
     } else if kind.is_char_device() {
         let (major, minor) = (stat::major(meta.rdev()), stat::minor(meta.rdev()));
         let device = guest_device(major, minor).ok_or_else(|| {
@@ -170,22 +241,19 @@ fn with_source(m: &Mount, source: PathBuf) -> Mount {
     m
 }
 
-/// A tmpfs in place of a bound host directory, with the directory's owner
-/// and permissions so the container may write where it could have.
-fn empty_tmpfs(m: &Mount, dir: &Metadata) -> Mount {
-    let mut options: Vec<String> = m
+/// The virtio-fs mount of a shared directory, with the bind's options
+/// that still apply.
+fn shared_mount(m: &Mount, tag: String) -> Mount {
+    let options: Vec<String> = m
         .options()
         .iter()
         .flatten()
-        .filter(|o| TMPFS_KEPT_OPTIONS.contains(&o.as_str()))
+        .filter(|o| !BIND_ONLY_OPTIONS.contains(&o.as_str()))
         .cloned()
         .collect();
-    options.push(format!("mode={:o}", dir.mode() & 0o7777));
-    options.push(format!("uid={}", dir.uid()));
-    options.push(format!("gid={}", dir.gid()));
     let mut m = m.clone();
-    m.set_typ(Some("tmpfs".into()))
-        .set_source(Some("tmpfs".into()))
+    m.set_typ(Some(SHARED_MOUNT_TYPE.into()))
+        .set_source(Some(tag.into()))
         .set_options(Some(options));
     m
 }
@@ -223,7 +291,7 @@ mod tests {
             for_guest(&defaults).unwrap(),
             GuestMounts {
                 mounts: defaults,
-                files: Vec::new()
+                ..Default::default()
             }
         );
     }
@@ -307,30 +375,105 @@ mod tests {
     }
 
     #[test]
-    fn directories_become_empty_tmpfs() {
+    fn directories_are_shared_by_tag() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
+        let logs = dir.path().join("logs");
         fs::create_dir(&data).unwrap();
-        fs::set_permissions(&data, fs::Permissions::from_mode(0o750)).unwrap();
-        let meta = fs::metadata(&data).unwrap();
+        fs::create_dir(&logs).unwrap();
         let options = ["rbind", "ro", "nosuid", "nodev", "noexec", "rslave", "relatime"];
-        let guest = for_guest(&[mount("/data", Some("bind"), Some(&data), &options)]).unwrap();
+        let guest = for_guest(&[
+            mount("/data", Some("bind"), Some(&data), &options),
+            mount("/proc", Some("proc"), Some(Path::new("proc")), &[]),
+            mount("/logs", None, Some(&logs), &["bind", "ro", "rw", "defaults"]),
+        ])
+        .unwrap();
         assert!(guest.files.is_empty());
-        let expected_options = [
-            "ro".to_owned(),
-            "nosuid".into(),
-            "nodev".into(),
-            "noexec".into(),
-            "mode=750".into(),
-            format!("uid={}", meta.uid()),
-            format!("gid={}", meta.gid()),
-        ];
-        let expected = {
-            let mut m = mount("/data", Some("tmpfs"), Some(Path::new("tmpfs")), &[]);
-            m.set_options(Some(expected_options.to_vec()));
-            m
-        };
-        assert_eq!(guest.mounts, [expected]);
+        assert_eq!(
+            guest.shares,
+            [
+                FsConfig {
+                    tag: share_tag(0),
+                    shared_dir: data.clone(),
+                    flags: ShareFlags {
+                        read_only: true,
+                        recursive: true
+                    },
+                },
+                FsConfig {
+                    tag: share_tag(1),
+                    shared_dir: logs.clone(),
+                    flags: ShareFlags {
+                        read_only: false,
+                        recursive: false
+                    },
+                },
+            ]
+        );
+        let tag = |i| PathBuf::from(share_tag(i));
+        assert_eq!(
+            guest.mounts,
+            [
+                mount(
+                    "/data",
+                    Some(SHARED_MOUNT_TYPE),
+                    Some(&tag(0)),
+                    &["ro", "nosuid", "nodev", "noexec", "rslave", "relatime"]
+                ),
+                mount("/proc", Some("proc"), Some(Path::new("proc")), &[]),
+                mount("/logs", Some(SHARED_MOUNT_TYPE), Some(&tag(1)), &["ro", "rw"]),
+            ]
+        );
+    }
+
+    #[test]
+    fn too_many_shared_directories_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let many: Vec<_> = (0..=MAX_SHARED_DIRS)
+            .map(|i| mount(&format!("/d{i}"), Some("bind"), Some(dir.path()), &[]))
+            .collect();
+        for_guest(&many[..MAX_SHARED_DIRS]).unwrap();
+        let e = error(&many);
+        assert!(
+            e.starts_with(&format!("mount /d{MAX_SHARED_DIRS}: source ")),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!("at most {MAX_SHARED_DIRS} host directories")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unsupported_bind_options_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        for option in ["idmap", "frobnicate", "size=1m", "mode=0755"] {
+            let e = error(&[mount("/data", Some("bind"), Some(dir.path()), &["rbind", option])]);
+            assert_eq!(
+                e,
+                format!("mount /data: option {option:?} is not supported on a bind mount")
+            );
+        }
+        // Data options of other filesystems are theirs to judge.
+        for_guest(&[mount(
+            "/tmp",
+            Some("tmpfs"),
+            Some(Path::new("tmpfs")),
+            &["size=1m"],
+        )])
+        .unwrap();
+    }
+
+    /// [`BIND_OPTIONS`] must be options the agent knows: it applies them.
+    #[test]
+    fn bind_options_are_the_agents() {
+        let agent = include_str!("../../guest/agent/src/mounts.rs");
+        for option in BIND_OPTIONS {
+            assert!(
+                agent.contains(&format!("(\"{option}\",")) || agent.contains(&format!("\"{option}\"")),
+                "the agent does not know {option}"
+            );
+        }
     }
 
     #[test]

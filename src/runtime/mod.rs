@@ -13,6 +13,7 @@ pub mod image;
 pub mod monitor;
 pub mod relay;
 pub mod resolve;
+pub mod root;
 pub mod sandbox;
 pub mod sizing;
 pub mod state;

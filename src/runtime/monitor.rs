@@ -29,8 +29,9 @@ use super::error::RuntimeError;
 use super::foreground::SignalSource;
 use super::hooks::{run_hooks, HookKind};
 use super::host_mounts;
-use super::image::{self, ImageFormat};
+use super::image::ImageFormat;
 use super::relay;
+use super::root;
 use super::sandbox::{
     describe_end, message_id, Cancel, ControlSender, Event, Sandbox, SandboxConfig, StreamOpener, VmResources,
 };
@@ -164,17 +165,12 @@ fn prepare(options: MonitorOptions, cancel: &Cancel) -> Result<Monitor, RuntimeE
         .map_err(|e| RuntimeError::io(format!("entering {}", container.dir.display()), e))?;
     let bundle = Bundle::load(&options.bundle)?;
     let guest_mounts = host_mounts::for_guest(bundle.spec.mounts().as_deref().unwrap_or(&[]))?;
-    let image = image::prepare(&bundle.rootfs, &options.image_cache, options.image_format)?;
-    tracing::info!(
-        image = %image.path.display(),
-        reused = image.reused,
-        ms = t0.elapsed().as_millis() as u64,
-        "root filesystem image ready"
-    );
+    let root = root::prepare(&bundle, &options.image_cache, options.image_format)?;
     let mut sandbox = Sandbox::boot(
         SandboxConfig {
             vm: options.vm,
-            root_image: image.path.clone(),
+            root: root.guest,
+            shares: guest_mounts.shares,
             work_dir: PathBuf::from(state::VM_DIR),
             console: options
                 .guest_console
@@ -186,7 +182,7 @@ fn prepare(options: MonitorOptions, cancel: &Cancel) -> Result<Monitor, RuntimeE
     let t_ready = Instant::now();
     let process = bundle.process().clone();
     let terminal = process.terminal().unwrap_or(false);
-    sandbox.create_container(bundle.container_spec(image.format, guest_mounts.mounts, guest_mounts.files))?;
+    sandbox.create_container(bundle.container_spec(root.source, guest_mounts.mounts, guest_mounts.files))?;
     let shared = Arc::new(Shared {
         container: container.clone(),
         sender: sandbox.sender(),
@@ -357,10 +353,13 @@ impl Shared {
             return;
         };
         let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        if id.is_empty() {
-            // The agent could not tell which request this answers: everyone
-            // waiting hears it rather than waiting for an answer that will
-            // not come.
+        // A failure the agent could not tie to a request, or tied to one
+        // nobody made (a request garbled on its way, seen on software-KVM
+        // hosts): everyone waiting hears it rather than waiting for an
+        // answer that will not come.
+        let unidentified =
+            id.is_empty() || (matches!(msg, AgentMessage::Failed { .. }) && !routes.contains_key(id));
+        if unidentified {
             tracing::warn!(?msg, "the guest agent failed a request it could not identify");
             for tx in routes.values() {
                 let _ = tx.send(msg.clone());
@@ -459,9 +458,10 @@ impl Shared {
             self.unroute(INIT_ID);
             match reply {
                 // A Start right after create is sometimes refused this way
-                // while the process is in fact there and waiting (the cause,
-                // in the agent, is not found yet); a later one is taken.
-                Ok(AgentMessage::Failed { id, error, .. }) if id.is_empty() && retries < START_RETRIES => {
+                // while the process is in fact there and waiting: the agent
+                // read a garbled id (the host defect in guest memory); a
+                // later one is taken.
+                Ok(AgentMessage::Failed { id, error, .. }) if id != INIT_ID && retries < START_RETRIES => {
                     retries += 1;
                     tracing::warn!(
                         retries,

@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 
 use skiff_protocol::{
     read_frame, write_frame, AgentMessage, ContainerSpec, HostMessage, Process, StreamHello, StreamKind,
-    Timings, CONTROL_PORT, STREAM_PORT, VERSION,
+    Timings, CONTROL_PORT, ROOT_TAG, STREAM_PORT, VERSION,
 };
 
 use super::error::RuntimeError;
+use super::root::GuestRoot;
 use crate::vmm::{
-    self, BlockConfig, BootSource, ConsoleOutput, CpuProfile, MemorySize, StopHandle, Vm, VmConfig, VmExit,
-    VsockConfig,
+    self, BlockConfig, BootSource, ConsoleOutput, CpuProfile, FsConfig, MemorySize, ShareFlags, StopHandle,
+    Vm, VmConfig, VmExit, VsockConfig,
 };
 
 /// The guest's vsock CID. Every VM has its own device and host socket, so
@@ -43,8 +44,9 @@ pub struct VmResources {
 #[derive(Debug)]
 pub struct SandboxConfig {
     pub vm: VmResources,
-    /// The container's root filesystem image, attached read-only as vda.
-    pub root_image: PathBuf,
+    pub root: GuestRoot,
+    /// Host directories the container's bind mounts share.
+    pub shares: Vec<FsConfig>,
     /// A directory this sandbox creates for its sockets and removes again.
     pub work_dir: PathBuf,
     pub console: ConsoleOutput,
@@ -125,13 +127,27 @@ impl Sandbox {
         vm_config.cpu_profile = vm.cpu_profile;
         vm_config.kvm_device = vm.kvm_device;
         vm_config.console = config.console;
-        vm_config.block_devices = vec![BlockConfig {
-            path: config.root_image,
-            // One cached image serves every container made from the same
-            // rootfs; the guest writes to an overlay instead.
-            read_only: true,
-            id: "skiff-root".into(),
-        }];
+        match config.root {
+            GuestRoot::Image(path) => vm_config.block_devices.push(BlockConfig {
+                path,
+                // One cached image serves every container made from the same
+                // rootfs; the guest writes to an overlay instead.
+                read_only: true,
+                id: "skiff-root".into(),
+            }),
+            // The container's writes land in the directory; its mounts'
+            // mount points are made there too, so it is writable even for
+            // a read-only root, which the guest seals after the mounts.
+            GuestRoot::Shared(dir) => vm_config.shared_dirs.push(FsConfig {
+                tag: ROOT_TAG.into(),
+                shared_dir: dir,
+                flags: ShareFlags {
+                    read_only: false,
+                    recursive: true,
+                },
+            }),
+        }
+        vm_config.shared_dirs.extend(config.shares);
         vm_config.vsock = Some(VsockConfig {
             guest_cid: GUEST_CID,
             uds_path: uds_path.clone(),

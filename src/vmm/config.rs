@@ -8,6 +8,7 @@ use std::str::FromStr;
 
 use super::cpuid::CpuProfile;
 pub use super::devices::virtio::block::BlockConfig;
+pub use super::devices::virtio::fs::{FsConfig, ShareFlags};
 pub use super::devices::virtio::vsock::VsockConfig;
 use super::error::{Error, Result};
 use super::layout::{self, CMDLINE_MAX_SIZE, HIMEM_START, IDENTITY_MAPPED, MIN_MEMORY, PAGE_SIZE};
@@ -65,6 +66,8 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     /// virtio-blk disks, in order: the guest names them vda, vdb, ...
     pub block_devices: Vec<BlockConfig>,
+    /// virtio-fs shares, each mounted in the guest by its tag.
+    pub shared_dirs: Vec<FsConfig>,
     pub vsock: Option<VsockConfig>,
 }
 
@@ -78,6 +81,7 @@ impl VmConfig {
             console: ConsoleOutput::Null,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             block_devices: Vec::new(),
+            shared_dirs: Vec::new(),
             vsock: None,
         }
     }
@@ -118,7 +122,7 @@ impl VmConfig {
                 )));
             }
         }
-        let devices = self.block_devices.len() + usize::from(self.vsock.is_some());
+        let devices = self.block_devices.len() + self.shared_dirs.len() + usize::from(self.vsock.is_some());
         if devices > layout::MAX_VIRTIO_DEVICES {
             return Err(Error::Config(format!(
                 "{devices} virtio devices requested, but at most {} fit",
@@ -128,6 +132,17 @@ impl VmConfig {
         for disk in &self.block_devices {
             check_file(&disk.path)
                 .map_err(|reason| Error::Device(format!("block device {}: {reason}", disk.path.display())))?;
+        }
+        for (i, share) in self.shared_dirs.iter().enumerate() {
+            share
+                .validate()
+                .map_err(|reason| Error::Device(format!("virtio-fs {}: {reason}", share.tag)))?;
+            if self.shared_dirs[..i].iter().any(|s| s.tag == share.tag) {
+                return Err(Error::Config(format!(
+                    "virtio-fs tag {} is used twice",
+                    share.tag
+                )));
+            }
         }
         if let Some(v) = &self.vsock {
             if v.guest_cid < super::devices::virtio::vsock::MIN_GUEST_CID {

@@ -34,7 +34,9 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use config::{BlockConfig, BootSource, ConsoleOutput, MemorySize, VmConfig, VsockConfig};
+pub use config::{
+    BlockConfig, BootSource, ConsoleOutput, FsConfig, MemorySize, ShareFlags, VmConfig, VsockConfig,
+};
 pub use cpuid::CpuProfile;
 pub use error::{Error, Result};
 pub use vcpu::NotRunning;
@@ -42,6 +44,7 @@ pub use vcpu::NotRunning;
 use devices::pio::COM1_IRQ;
 use devices::triggers::IrqLine;
 use devices::virtio::block::Block;
+use devices::virtio::fs::Fs;
 use devices::virtio::mmio::{MmioBus, MmioTransport, MMIO_WINDOW};
 use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
@@ -137,6 +140,9 @@ impl Vm {
         let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
         for disk in &config.block_devices {
             virtio.push(Box::new(Block::open(disk)?));
+        }
+        for share in &config.shared_dirs {
+            virtio.push(Box::new(Fs::new(share)?));
         }
         if let Some(v) = &config.vsock {
             virtio.push(Box::new(Vsock::new(v)?));

@@ -122,7 +122,12 @@ impl Oci {
         );
         let mut config: Value =
             serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
-        config["root"]["path"] = Value::from(self.rootfs.to_str().unwrap());
+        // Its own copy: the container's writes land in its rootfs.
+        let rootfs = dir.join("rootfs");
+        if !rootfs.exists() {
+            copy_tree(&self.rootfs, &rootfs);
+        }
+        config["root"]["path"] = Value::from("rootfs");
         config["process"]["terminal"] = Value::from(false);
         config["process"]["args"] = Value::from(args.iter().map(|a| a.to_string()).collect::<Vec<_>>());
         edit(&mut config);
@@ -225,6 +230,12 @@ impl Drop for Oci {
             eprintln!("consoles and logs kept in {}", kept.display());
         }
     }
+}
+
+/// `cp -a from to`.
+pub fn copy_tree(from: &Path, to: &Path) {
+    let copied = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    assert!(copied.success(), "cp -a {} {}", from.display(), to.display());
 }
 
 /// Pids of skiff monitors whose command line names `root`.

@@ -1,5 +1,6 @@
-//! The container's root in the VM: the image device, an overlay over it,
-//! and the switch of root.
+//! The container's root in the VM: the host's rootfs directory shared by
+//! virtio-fs, or an image device with an overlay over it; and the switch of
+//! root.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use nix::mount::{mount, MsFlags};
 use nix::unistd::{chdir, chroot};
-use skiff_protocol::RootDevice;
+use skiff_protocol::{RootFs, RootSource, SHARED_MOUNT_TYPE};
 
 use crate::log::debug;
 
@@ -18,9 +19,43 @@ const MERGED: &str = "/run/skiff/root";
 /// a moment later.
 const DEVICE_WAIT: Duration = Duration::from_secs(2);
 
-/// Mounts the image and returns the directory that becomes `/`.
-pub fn mount_root(root: &RootDevice) -> Result<PathBuf, String> {
-    let device = Path::new(&root.device);
+/// Mounts the root and returns the directory that becomes `/`.
+pub fn mount_root(root: &RootFs) -> Result<PathBuf, String> {
+    match &root.source {
+        RootSource::Shared { tag } => mount_shared(tag),
+        RootSource::Block { device, fstype } => mount_image(device, fstype, root.readonly),
+    }
+}
+
+/// Read-write even for a read-only root: the mount points of the OCI mounts
+/// are made first, as runc makes them, then [`seal`] makes it read-only.
+fn mount_shared(tag: &str) -> Result<PathBuf, String> {
+    mkdir(MERGED)?;
+    mount(
+        Some(tag),
+        MERGED,
+        Some(SHARED_MOUNT_TYPE),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| format!("mounting the shared root `{tag}`: {e}"))?;
+    debug!("mounted shared root {tag} at {MERGED}");
+    Ok(PathBuf::from(MERGED))
+}
+
+/// Makes a shared root read-only once the mounts are in place (OCI
+/// `root.readonly`). An image root was read-only from the start.
+pub fn seal(root: &RootFs, dir: &Path) -> Result<(), String> {
+    if !root.readonly || !matches!(root.source, RootSource::Shared { .. }) {
+        return Ok(());
+    }
+    let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+    mount(None::<&str>, dir, None::<&str>, flags, None::<&str>)
+        .map_err(|e| format!("making the root read-only: {e}"))
+}
+
+fn mount_image(device: &str, fstype: &str, readonly: bool) -> Result<PathBuf, String> {
+    let device = Path::new(device);
     let deadline = Instant::now() + DEVICE_WAIT;
     while !device.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
@@ -31,13 +66,13 @@ pub fn mount_root(root: &RootDevice) -> Result<PathBuf, String> {
     mount(
         Some(device),
         LOWER,
-        Some(root.fstype.as_str()),
+        Some(fstype),
         MsFlags::MS_RDONLY,
         None::<&str>,
     )
-    .map_err(|e| format!("mounting root device {} ({}): {e}", root.device, root.fstype))?;
-    debug!("mounted {} ({}) at {LOWER}", root.device, root.fstype);
-    if root.readonly {
+    .map_err(|e| format!("mounting root device {} ({fstype}): {e}", device.display()))?;
+    debug!("mounted {} ({fstype}) at {LOWER}", device.display());
+    if readonly {
         return Ok(PathBuf::from(LOWER));
     }
     mkdir(RW)?;

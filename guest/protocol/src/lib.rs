@@ -56,7 +56,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped on any change a peer built from an older copy would misread.
 /// 2: `Signal.all`, `ListProcesses`/`Processes`, `ContainerSpec.files`.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// vsock's well-known CID of the host.
 pub const HOST_CID: u32 = 2;
 /// Host port the agent connects to for the control connection.
@@ -207,7 +207,7 @@ pub struct StagedFile {
 /// How the container's environment is put together in the guest.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct ContainerSpec {
-    pub root: RootDevice,
+    pub root: RootFs,
     /// OCI `hostname`.
     #[serde(default)]
     pub hostname: Option<String>,
@@ -221,16 +221,36 @@ pub struct ContainerSpec {
     pub process: Process,
 }
 
-/// The block device holding the container's root filesystem image.
+/// The container's root filesystem and where it comes from.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct RootDevice {
-    /// Device node in the guest, e.g. `/dev/vda`.
-    pub device: String,
-    /// Filesystem type of the image (`erofs`, `ext4`).
-    pub fstype: String,
-    /// OCI `root.readonly`: the image is the root as is. Otherwise it is the
-    /// lower layer of an overlay whose upper layer is a guest tmpfs.
+pub struct RootFs {
+    pub source: RootSource,
+    /// OCI `root.readonly`.
     pub readonly: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum RootSource {
+    /// The bundle's rootfs directory itself, shared by virtio-fs: what the
+    /// container writes lands there, as under runc.
+    Shared { tag: String },
+    /// An image of the rootfs on a block device, e.g. `/dev/vda` holding
+    /// `erofs`. Always read-only: the host shares one cached image between
+    /// containers, so writes go to an overlay whose upper layer is a guest
+    /// tmpfs (unless `readonly`, which uses the image as is).
+    Block { device: String, fstype: String },
+}
+
+/// The virtio-fs tag of the shared root filesystem.
+pub const ROOT_TAG: &str = "skiff-root";
+/// The mount type of a host directory shared by virtio-fs; its source is
+/// the share's tag.
+pub const SHARED_MOUNT_TYPE: &str = "virtiofs";
+
+/// The virtio-fs tag of the `index`th shared bind mount.
+pub fn share_tag(index: usize) -> String {
+    format!("skiff-bind-{index}")
 }
 
 /// Which stdio stream a stream connection carries.
@@ -376,9 +396,8 @@ mod tests {
             }],
         });
         round_trip(HostMessage::CreateContainer(ContainerSpec {
-            root: RootDevice {
-                device: "/dev/vda".into(),
-                fstype: "erofs".into(),
+            root: RootFs {
+                source: RootSource::Shared { tag: ROOT_TAG.into() },
                 readonly: false,
             },
             hostname: Some("h".into()),
@@ -419,9 +438,11 @@ mod tests {
             }
         );
         let spec = ContainerSpec {
-            root: RootDevice {
-                device: "/dev/vda".into(),
-                fstype: "ext4".into(),
+            root: RootFs {
+                source: RootSource::Block {
+                    device: "/dev/vda".into(),
+                    fstype: "ext4".into(),
+                },
                 readonly: true,
             },
             hostname: None,

@@ -259,6 +259,7 @@ impl Agent {
             None => {
                 staged::write_all(Path::new("/"), &spec.files)?;
                 mounts::mount_all(&root, &spec.mounts)?;
+                rootfs::seal(&spec.root, &root)?;
             }
         }
         let view = match &self.hosted_root {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use skiff_agent::{Address, Config, Mode};
 use skiff_protocol::{
     read_frame, write_frame, AgentMessage, ContainerSpec, ExitStatus, HostMessage, Mount, Process,
-    ProcessInfo, RootDevice, StagedFile, StreamHello, StreamKind, INIT_ID,
+    ProcessInfo, RootFs, RootSource, StagedFile, StreamHello, StreamKind, INIT_ID,
 };
 
 /// Long enough for a loaded machine, short enough that a hang fails.
@@ -206,9 +206,8 @@ impl Host {
         process: Process,
     ) -> Result<i32, (String, i32)> {
         self.send(&HostMessage::CreateContainer(ContainerSpec {
-            root: RootDevice {
-                device: "/dev/unused".into(),
-                fstype: "erofs".into(),
+            root: RootFs {
+                source: RootSource::Shared { tag: "unused".into() },
                 readonly: false,
             },
             hostname: Some("skiff-test".into()),

@@ -11,12 +11,12 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::Worker;
-use super::{read_config_bytes, Activation, Interrupt, VirtioDevice};
+use super::{drain_queue, read_config_bytes, Activation, Interrupt, VirtioDevice};
 use crate::vmm::error::{Error, Result};
 use crate::vmm::memory::GuestMemoryHost;
 
@@ -183,27 +183,9 @@ fn process_queue(
     interrupt: &Interrupt,
     buf: &mut [u8],
 ) {
-    let mut used_any = false;
-    loop {
-        if queue.disable_notification(mem).is_err() {
-            return;
-        }
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let written = handle_request(backend, mem, chain, buf);
-            if let Err(e) = queue.add_used(mem, head, written) {
-                tracing::warn!("virtio-blk: returning a used buffer: {e:?}");
-            }
-            used_any = true;
-        }
-        match queue.enable_notification(mem) {
-            Ok(true) => continue,
-            _ => break,
-        }
-    }
-    if used_any {
-        interrupt.used_buffers(queue, mem);
-    }
+    drain_queue(queue, mem, interrupt, "virtio-blk", |chain| {
+        handle_request(backend, mem, chain, buf)
+    });
 }
 
 /// Carries out one request; returns how many bytes it wrote into the

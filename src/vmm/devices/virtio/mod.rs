@@ -7,6 +7,7 @@
 //! through an irqfd.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod vsock;
 pub mod worker;
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::triggers::IrqLine;
@@ -113,4 +114,39 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
     let n = data.len().min(config.len() - start);
     data[..n].copy_from_slice(&config[start..start + n]);
+}
+
+/// Answers every chain the driver has made available on `queue` with
+/// `handle`, which returns how many bytes it wrote into the chain; then
+/// interrupts the driver once, if any chain was used and it wants to know.
+pub fn drain_queue(
+    queue: &mut Queue,
+    mem: &GuestMemoryHost,
+    interrupt: &Interrupt,
+    device: &str,
+    mut handle: impl FnMut(DescriptorChain<&GuestMemoryHost>) -> u32,
+) {
+    let mut used_any = false;
+    loop {
+        if queue.disable_notification(mem).is_err() {
+            return;
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let written = handle(chain);
+            if let Err(e) = queue.add_used(mem, head, written) {
+                tracing::warn!("{device}: returning a used buffer: {e:?}");
+            }
+            used_any = true;
+        }
+        // A chain made available after the drain, before notifications
+        // were back on, would otherwise wait for the next kick.
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            _ => break,
+        }
+    }
+    if used_any {
+        interrupt.used_buffers(queue, mem);
+    }
 }
