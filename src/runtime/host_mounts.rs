@@ -173,11 +173,14 @@ fn bind_for_guest(m: &Mount, guest: &mut GuestMounts) -> Result<Mount, RuntimeEr
             )));
         }
         let tag = share_tag(guest.shares.len());
+        // Shared as it resolves now: a symlink in the path is not followed
+        // again later.
+        let shared_dir = fs::canonicalize(source).map_err(|e| fail(&format!("cannot be resolved: {e}")))?;
         let options: Vec<&str> = m.options().iter().flatten().map(String::as_str).collect();
         let read_only = options.iter().rev().find(|o| matches!(**o, "ro" | "rw")) == Some(&"ro");
         guest.shares.push(FsConfig {
             tag: tag.clone(),
-            shared_dir: source.to_owned(),
+            shared_dir,
             flags: ShareFlags {
                 read_only,
                 recursive: options.contains(&"rbind"),

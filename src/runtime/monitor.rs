@@ -353,13 +353,20 @@ impl Shared {
             return;
         };
         let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        // A failure the agent could not tie to a request, or tied to one
-        // nobody made (a request garbled on its way, seen on software-KVM
-        // hosts): everyone waiting hears it rather than waiting for an
-        // answer that will not come.
-        let unidentified =
-            id.is_empty() || (matches!(msg, AgentMessage::Failed { .. }) && !routes.contains_key(id));
-        if unidentified {
+        // A failure naming a request nobody made is a Start whose id the
+        // agent read garbled (seen on software-KVM hosts): the Start in
+        // flight hears it and sends again, rather than waiting for an
+        // answer that will not come. Other waiters are not told.
+        if !id.is_empty() && matches!(msg, AgentMessage::Failed { .. }) && !routes.contains_key(id) {
+            if let Some(tx) = routes.get(INIT_ID) {
+                tracing::warn!(?msg, "the guest agent failed a request nobody made");
+                let _ = tx.send(msg);
+                return;
+            }
+        }
+        // A failure the agent could not tie to a request: everyone waiting
+        // hears it rather than waiting for an answer that will not come.
+        if id.is_empty() {
             tracing::warn!(?msg, "the guest agent failed a request it could not identify");
             for tx in routes.values() {
                 let _ = tx.send(msg.clone());

@@ -127,22 +127,30 @@ pub fn drain_queue(
     mut handle: impl FnMut(DescriptorChain<&GuestMemoryHost>) -> u32,
 ) {
     let mut used_any = false;
+    let mut idle_passes = 0;
     loop {
         if queue.disable_notification(mem).is_err() {
             return;
         }
+        let mut used_now = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let written = handle(chain);
             if let Err(e) = queue.add_used(mem, head, written) {
                 tracing::warn!("{device}: returning a used buffer: {e:?}");
             }
-            used_any = true;
+            used_now = true;
+        }
+        used_any |= used_now;
+        if !used_now {
+            idle_passes += 1;
         }
         // A chain made available after the drain, before notifications
-        // were back on, would otherwise wait for the next kick.
+        // were back on, would otherwise wait for the next kick. A ring that
+        // claims more chains than it yields (a bad available index) is
+        // given up on after a second empty pass rather than spun on.
         match queue.enable_notification(mem) {
-            Ok(true) => continue,
+            Ok(true) if idle_passes < 2 => continue,
             _ => break,
         }
     }

@@ -9,6 +9,7 @@ pub mod confine;
 #[cfg(test)]
 mod tests;
 
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -76,6 +77,8 @@ impl FsConfig {
 
 pub struct Fs {
     config: FsConfig,
+    /// The shared directory, opened when the VM is made.
+    dir: Arc<File>,
     config_space: Vec<u8>,
     worker: Option<Worker>,
 }
@@ -85,12 +88,20 @@ impl Fs {
         config
             .validate()
             .map_err(|reason| Error::Device(format!("virtio-fs {}: {reason}", config.tag)))?;
+        let dir = confine::open_dir(&config.shared_dir).map_err(|e| {
+            Error::Device(format!(
+                "virtio-fs {}: opening {}: {e}",
+                config.tag,
+                config.shared_dir.display()
+            ))
+        })?;
         raise_open_file_limit();
         let mut config_space = vec![0u8; MAX_TAG_LEN + 4];
         config_space[..config.tag.len()].copy_from_slice(config.tag.as_bytes());
         config_space[MAX_TAG_LEN..].copy_from_slice(&REQUEST_QUEUES.to_le_bytes());
         Ok(Fs {
             config: config.clone(),
+            dir: Arc::new(dir),
             config_space,
             worker: None,
         })
@@ -115,14 +126,22 @@ impl VirtioDevice for Fs {
     }
 
     fn activate(&mut self, activation: Activation) -> io::Result<()> {
-        let config = self.config.clone();
-        let name = format!("virtio-fs-{}", config.tag);
-        self.worker = Some(Worker::spawn(name, move |stop| {
-            let served = confine::enter(&config.shared_dir, config.flags)
-                .and_then(|()| FsServer::new(&config.shared_dir))
-                .and_then(|server| serve(&server, activation, &stop));
-            if let Err(e) = served {
-                tracing::error!(tag = %config.tag, "virtio-fs: {e}");
+        let (tag, flags, dir) = (self.config.tag.clone(), self.config.flags, self.dir.clone());
+        let path = self.config.shared_dir.clone();
+        self.worker = Some(Worker::spawn(format!("virtio-fs-{tag}"), move |stop| {
+            // A share that cannot be served answers every request with EIO,
+            // so the guest's mount fails and says so; a driver is not told
+            // that a device it already set up has failed.
+            let handler: Box<RequestHandler> =
+                match confine::enter(&path, &dir, flags).and_then(FsServer::new) {
+                    Ok(server) => Box::new(move |mem, chain| server.handle(mem, chain)),
+                    Err(e) => {
+                        tracing::error!(%tag, "virtio-fs: cannot serve {}: {e}", path.display());
+                        Box::new(refuse)
+                    }
+                };
+            if let Err(e) = serve(&handler, activation, &stop) {
+                tracing::error!(%tag, "virtio-fs: {e}");
             }
         })?);
         Ok(())
@@ -140,9 +159,9 @@ pub struct FsServer {
 }
 
 impl FsServer {
-    /// Serves `dir` as the calling thread sees it: [`confine::enter`] first
-    /// makes that a confined view. The root is opened at the guest's
-    /// `FUSE_INIT`.
+    /// Serves `dir` as the calling thread sees it, which [`confine::enter`]
+    /// first makes a confined view. The root is opened at the guest's
+    /// `FUSE_INIT`, on this thread.
     pub fn new(dir: &Path) -> io::Result<FsServer> {
         let root_dir = dir
             .to_str()
@@ -199,9 +218,12 @@ impl FsServer {
 /// `Opcode` enum unchecked, which for those values is undefined behaviour;
 /// a guest must not be able to reach it.
 fn unknown_opcode(mem: &GuestMemoryHost, chain: &DescriptorChain<&GuestMemoryHost>) -> Option<u64> {
-    let mut reader = chain.clone().reader::<()>(mem).ok()?;
-    let header: InHeader = reader.read_obj().ok()?;
+    let header = request_header(mem, chain)?;
     matches!(header.opcode, 0 | 7 | 19).then_some(header.unique)
+}
+
+fn request_header(mem: &GuestMemoryHost, chain: &DescriptorChain<&GuestMemoryHost>) -> Option<InHeader> {
+    chain.clone().reader::<()>(mem).ok()?.read_obj().ok()
 }
 
 /// Answers a request with just an error, as the server does.
@@ -228,7 +250,15 @@ fn reply_error(
     }
 }
 
-fn serve(server: &FsServer, activation: Activation, stop: &EventFd) -> io::Result<()> {
+type RequestHandler = dyn Fn(&GuestMemoryHost, DescriptorChain<&GuestMemoryHost>) -> u32;
+
+/// Answers a request with EIO.
+fn refuse(mem: &GuestMemoryHost, chain: DescriptorChain<&GuestMemoryHost>) -> u32 {
+    let unique = request_header(mem, &chain).map_or(0, |h| h.unique);
+    reply_error(mem, chain, unique, libc::EIO)
+}
+
+fn serve(handler: &RequestHandler, activation: Activation, stop: &EventFd) -> io::Result<()> {
     let Activation {
         mem,
         mut queues,
@@ -264,7 +294,7 @@ fn serve(server: &FsServer, activation: Activation, stop: &EventFd) -> io::Resul
             let index = token as usize;
             let _ = queue_events[index].read();
             drain_queue(&mut queues[index], &mem, &interrupt, "virtio-fs", |chain| {
-                server.handle(&mem, chain)
+                handler(&mem, chain)
             });
         }
     }
