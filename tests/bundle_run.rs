@@ -160,7 +160,13 @@ fn retry_on_host_defect(f: &Fixture, attempt: impl Fn(&Fixture)) {
     for tried in 1.. {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt(f)));
         let Err(panic) = outcome else { return };
-        if tried == ATTEMPTS || !HOST_DEFECT_SIGNS.iter().any(|sign| f.console().contains(sign)) {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        let seen = |sign: &&str| f.console().contains(sign) || message.contains(sign);
+        if tried == ATTEMPTS || !HOST_DEFECT_SIGNS.iter().any(seen) {
             std::panic::resume_unwind(panic);
         }
         eprintln!("the host's exec defect killed a guest process (see the console); running the boot again");
@@ -352,7 +358,28 @@ fn stdin_and_sigterm(f: &Fixture) {
         std::thread::sleep(Duration::from_millis(100));
     }
     let (echoed, done) = reader.join().unwrap();
-    assert!(done, "cat did not end at stdin EOF; console:\n{}", f.console());
+    if !done {
+        // skiff closed its stdout: it has ended, or is ending; what it
+        // said and how it ended tell why.
+        let out = wait_with_timeout(child, f);
+        guard.0 = None;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // A shell killed by SIGSEGV is the exec defect even when the guest
+        // kernel's report of it did not reach the console.
+        let defect = if out.status.code() == Some(128 + libc::SIGSEGV) {
+            HOST_DEFECT_SIGNS[1]
+        } else {
+            ""
+        };
+        panic!(
+            "skiff ended before `cat` saw the end of stdin ({} of {} bytes echoed): {:?} {defect}\n\
+             stderr:\n{stderr}\nconsole:\n{}",
+            echoed.len(),
+            input.len(),
+            out.status,
+            f.console()
+        );
+    }
     if echoed != input {
         let first = echoed.iter().zip(&input).position(|(a, b)| a != b);
         panic!(
