@@ -37,6 +37,8 @@ pub enum Error {
     Device(String),
     #[error("vCPU {vcpu}: {reason}")]
     Vcpu { vcpu: u8, reason: String },
+    #[error("snapshot {0}")]
+    Snapshot(String),
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -17,6 +17,7 @@ pub mod error;
 pub mod host;
 pub mod layout;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod x86_64;
 
@@ -31,7 +32,7 @@ use kvm_bindings::{
     kvm_mp_state, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use config::{
@@ -84,18 +85,32 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     bus: Arc<PioBus>,
     // Before the VM fd: device workers stop before the memory and VM go.
-    _mmio: Arc<MmioBus>,
+    mmio: Arc<MmioBus>,
     profile: CpuProfile,
+    /// Of the CPUID vCPU 0 got: what a snapshot must be restored with.
+    cpuid_hash: String,
     // Drop order matters: the VM fd goes before the memory it maps.
-    _vm_fd: VmFd,
+    vm_fd: VmFd,
     memory: GuestMemoryHost,
     _kvm: Kvm,
 }
 
-impl Vm {
-    /// Builds the VM. On error, everything created so far is released: no fd,
-    /// mapping or file is left behind.
-    pub fn create(config: VmConfig) -> Result<Vm> {
+/// A virtio device's MMIO base and its transport.
+type Slot = (u64, MmioTransport);
+
+/// A KVM VM with its guest RAM, interrupt controllers and PIT, before any
+/// device or vCPU.
+struct Machine {
+    kvm: Kvm,
+    vm_fd: VmFd,
+    memory: GuestMemoryHost,
+    profile: CpuProfile,
+}
+
+impl Machine {
+    /// Checks the config and the host, then makes the VM around the guest
+    /// RAM `memory` returns.
+    fn open(config: &VmConfig, memory: impl FnOnce() -> Result<GuestMemoryHost>) -> Result<Machine> {
         let kvm = open_kvm(&config.kvm_device)?;
         config.validate(kvm.get_max_vcpus(), host::total_memory())?;
         for (cap, name) in [
@@ -114,10 +129,9 @@ impl Vm {
             .unwrap_or_else(|| CpuProfile::for_backend(host::detect_backend()));
         tracing::debug!(%profile, vcpus = config.vcpus, memory = %config.memory, "creating VM");
 
-        // Allocated before the VM fd so that, on any early return, the fd (and
+        // Made before the VM fd so that, on any early return, the fd (and
         // with it the memslots) is dropped before the memory they point at.
-        let mem_size = config.memory.0;
-        let memory = memory::allocate(mem_size)?;
+        let memory = memory()?;
         let vm_fd = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
         // Before the irqchip: once it exists, every memslot change waits for
         // KVM's SRCU readers, which costs milliseconds here instead of microseconds.
@@ -134,9 +148,18 @@ impl Vm {
                 ..Default::default()
             })
             .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
+        Ok(Machine {
+            kvm,
+            vm_fd,
+            memory,
+            profile,
+        })
+    }
 
-        // Opened before the kernel is loaded so a bad disk or socket path is
-        // reported before any guest work; the guest finds them in this order.
+    /// The config's virtio devices on their transports, in slot order, and
+    /// the kernel arguments that announce them. Opened before any guest
+    /// work so a bad disk or socket path is reported first.
+    fn devices(&self, config: &VmConfig) -> Result<(Vec<Slot>, Vec<String>)> {
         let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
         for disk in &config.block_devices {
             virtio.push(Box::new(Block::open(disk)?));
@@ -147,7 +170,7 @@ impl Vm {
         if let Some(v) = &config.vsock {
             virtio.push(Box::new(Vsock::new(v)?));
         }
-        let mut mmio = MmioBus::default();
+        let mut transports = Vec::new();
         let mut device_args = Vec::new();
         for (index, device) in virtio.into_iter().enumerate() {
             let (base, gsi) = layout::virtio_slot(index);
@@ -155,14 +178,93 @@ impl Vm {
                 "virtio_mmio.device={}K@{base:#x}:{gsi}",
                 MMIO_WINDOW >> 10
             ));
-            mmio.add(
+            transports.push((
                 base,
-                MmioTransport::new(device, &vm_fd, memory.clone(), base, gsi)?,
-            );
+                MmioTransport::new(device, &self.vm_fd, self.memory.clone(), base, gsi)?,
+            ));
         }
+        Ok((transports, device_args))
+    }
 
-        let cr3 = regs::write_boot_structures(&memory)?;
-        mptable::write(&memory, config.vcpus).map_err(|e| Error::BootSetup(e.to_string()))?;
+    fn cpuid(&self, vcpus: u8) -> Result<impl Fn(u8) -> kvm_bindings::CpuId> {
+        let supported = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let profile = self.profile;
+        Ok(move |index| cpuid::for_vcpu(&supported, profile, index, vcpus))
+    }
+
+    /// The serial port's interrupt line and the console, then the `Vm`.
+    fn finish(
+        self,
+        config_console: ConsoleOutput,
+        mmio: MmioBus,
+        fds: Vec<VcpuFd>,
+        cpuid_hash: String,
+        serial: Option<&snapshot::SerialSnapshot>,
+    ) -> Result<Vm> {
+        // Close-on-exec like every other fd here: a helper process the
+        // runtime starts must not be able to raise the guest's IRQ 4.
+        let serial_evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|e| Error::Memory(format!("eventfd: {e}")))?;
+        self.vm_fd
+            .register_irqfd(&serial_evt, COM1_IRQ)
+            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        let msr_indices = Arc::new(
+            self.kvm
+                .get_msr_index_list()
+                .map_err(|e| Error::Kvm("KVM_GET_MSR_INDEX_LIST", e))?
+                .as_slice()
+                .to_vec(),
+        );
+        // Last, so a VM that fails to build leaves no console file behind.
+        let console = devices::console::open(config_console)?;
+        let bus = Arc::new(PioBus::new(IrqLine(serial_evt), console, serial).map_err(Error::Snapshot)?);
+        let mmio = Arc::new(mmio);
+        let memory = self.memory;
+        let vcpus = fds
+            .into_iter()
+            .enumerate()
+            .map(|(i, fd)| {
+                Vcpu::new(
+                    i as u8,
+                    fd,
+                    bus.clone(),
+                    mmio.clone(),
+                    memory.clone(),
+                    msr_indices.clone(),
+                )
+            })
+            .collect();
+        Ok(Vm {
+            vcpus,
+            bus,
+            mmio,
+            profile: self.profile,
+            cpuid_hash,
+            vm_fd: self.vm_fd,
+            memory,
+            _kvm: self.kvm,
+        })
+    }
+}
+
+impl Vm {
+    /// Builds the VM. On error, everything created so far is released: no fd,
+    /// mapping or file is left behind.
+    pub fn create(config: VmConfig) -> Result<Vm> {
+        let mem_size = config.memory.0;
+        let machine = Machine::open(&config, || memory::allocate(mem_size))?;
+        let (transports, device_args) = machine.devices(&config)?;
+        let mut mmio = MmioBus::default();
+        for (base, transport) in transports {
+            mmio.add(base, transport);
+        }
+        let memory = &machine.memory;
+        let profile = machine.profile;
+        let cr3 = regs::write_boot_structures(memory)?;
+        mptable::write(memory, config.vcpus).map_err(|e| Error::BootSetup(e.to_string()))?;
         let (entry, arg, all_vcpus_start) = match &config.boot {
             BootSource::Linux {
                 kernel,
@@ -171,7 +273,7 @@ impl Vm {
             } => {
                 let cmdline = compose_cmdline(cmdline, profile, &device_args);
                 tracing::debug!(%cmdline, "kernel command line");
-                let e = linux::load(&memory, mem_size, kernel, initrd.as_deref(), &cmdline)?;
+                let e = linux::load(memory, mem_size, kernel, initrd.as_deref(), &cmdline)?;
                 (e.entry, e.zero_page, false)
             }
             BootSource::Code { code, load_addr } => {
@@ -182,15 +284,14 @@ impl Vm {
             }
         };
 
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let cpuid = machine.cpuid(config.vcpus)?;
         let mut fds = Vec::with_capacity(usize::from(config.vcpus));
         for index in 0..config.vcpus {
-            let fd = vm_fd
+            let fd = machine
+                .vm_fd
                 .create_vcpu(u64::from(index))
                 .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
-            fd.set_cpuid2(&cpuid::for_vcpu(&supported, profile, index, config.vcpus))
+            fd.set_cpuid2(&cpuid(index))
                 .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
             regs::set_boot_msrs(&fd)?;
             fd.set_fpu(&regs::initial_fpu())
@@ -211,32 +312,103 @@ impl Vm {
             }
             fds.push(fd);
         }
+        let cpuid_hash = snapshot::cpuid_hash(&cpuid(0));
+        machine.finish(config.console, mmio, fds, cpuid_hash, None)
+    }
 
-        // Close-on-exec like every other fd here: a helper process the
-        // runtime starts must not be able to raise the guest's IRQ 4.
-        let serial_evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-            .map_err(|e| Error::Memory(format!("eventfd: {e}")))?;
+    /// Builds a VM from the snapshot in `dir`: its memory mapped privately
+    /// from the snapshot's file, every vCPU, interrupt controller and
+    /// device where the snapshot left it. `config` gives what may differ
+    /// from the VM that was saved (the devices' host sides: shared
+    /// directories, the vsock socket and CID, the console) and must agree
+    /// with it on the rest: vCPUs, memory, CPU profile, and the devices'
+    /// kinds, order and tags. Its boot source is not used.
+    pub fn restore(config: VmConfig, dir: &Path) -> Result<Vm> {
+        let started = Instant::now();
+        let loaded = snapshot::load(dir)?;
+        let saved = &loaded.state;
+        let mismatch = |what: String| Error::Snapshot(format!("{}: {what}", dir.display()));
+        if saved.memory_bytes != config.memory.0 || saved.vcpus.len() != usize::from(config.vcpus) {
+            return Err(mismatch(format!(
+                "it is of a VM with {} vCPUs and {}, not {} and {}",
+                saved.vcpus.len(),
+                MemorySize(saved.memory_bytes),
+                config.vcpus,
+                config.memory
+            )));
+        }
+        let machine = Machine::open(&config, || {
+            snapshot::memory_file::map_private(&loaded.memory, saved.memory_bytes)
+        })?;
+        if machine.profile.to_string() != saved.cpu_profile {
+            return Err(mismatch(format!(
+                "it was taken with CPU profile {}, this VM has {}",
+                saved.cpu_profile, machine.profile
+            )));
+        }
+        let cpuid = machine.cpuid(config.vcpus)?;
+        if snapshot::cpuid_hash(&cpuid(0)) != saved.cpuid_hash {
+            return Err(mismatch(
+                "it was taken on a host whose KVM offers other CPU features".into(),
+            ));
+        }
+        // The interrupt controllers first: restored devices may raise their
+        // lines as soon as their workers start.
+        let vm_fd = &machine.vm_fd;
         vm_fd
-            .register_irqfd(&serial_evt, COM1_IRQ)
-            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
-        // Last, so a VM that fails to build leaves no console file behind.
-        let console = devices::console::open(config.console)?;
-        let bus = Arc::new(PioBus::new(IrqLine(serial_evt), console));
-        let mmio = Arc::new(mmio);
-        let vcpus = fds
-            .into_iter()
-            .enumerate()
-            .map(|(i, fd)| Vcpu::new(i as u8, fd, bus.clone(), mmio.clone(), memory.clone()))
-            .collect();
-        Ok(Vm {
-            vcpus,
-            bus,
-            _mmio: mmio,
-            profile,
-            _vm_fd: vm_fd,
-            memory,
-            _kvm: kvm,
-        })
+            .set_pit2(&saved.pit)
+            .map_err(|e| Error::Kvm("KVM_SET_PIT2", e))?;
+        for chip in &saved.irqchips {
+            vm_fd
+                .set_irqchip(chip)
+                .map_err(|e| Error::Kvm("KVM_SET_IRQCHIP", e))?;
+        }
+        // The guest's clock goes on from where it was saved; its wall clock
+        // is set by the guest's agent from the host's.
+        let clock = kvm_bindings::kvm_clock_data {
+            clock: saved.clock.clock,
+            ..Default::default()
+        };
+        vm_fd
+            .set_clock(&clock)
+            .map_err(|e| Error::Kvm("KVM_SET_CLOCK", e))?;
+
+        let (transports, _) = machine.devices(&config)?;
+        if transports.len() != saved.devices.len() {
+            return Err(mismatch(format!(
+                "it has {} virtio devices, this VM {}",
+                saved.devices.len(),
+                transports.len()
+            )));
+        }
+        let mut mmio = MmioBus::default();
+        for ((base, mut transport), state) in transports.into_iter().zip(&saved.devices) {
+            transport.restore(state)?;
+            mmio.add(base, transport);
+        }
+
+        let mut fds = Vec::with_capacity(saved.vcpus.len());
+        for (index, state) in saved.vcpus.iter().enumerate() {
+            let fd = vm_fd
+                .create_vcpu(index as u64)
+                .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+            fd.set_cpuid2(&cpuid(index as u8))
+                .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+            snapshot::vcpu_state::restore(&fd, state)?;
+            // Tells a guest with kvmclock it was stopped, so its watchdogs
+            // do not take the gap for a lockup. Only possible once the guest
+            // has set up kvmclock, hence not an error.
+            let _ = fd.kvmclock_ctrl();
+            fds.push(fd);
+        }
+        let cpuid_hash = saved.cpuid_hash.clone();
+        let vm = machine.finish(config.console, mmio, fds, cpuid_hash, Some(&saved.serial))?;
+        tracing::debug!(
+            snapshot = %loaded.dir.display(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "VM restored"
+        );
+        Ok(vm)
     }
 
     pub fn cpu_profile(&self) -> CpuProfile {
@@ -416,6 +588,51 @@ impl RunningVm {
 
     pub fn memory(&self) -> &GuestMemoryHost {
         &self.vm.memory
+    }
+
+    /// Writes the VM to `dir` (which must not exist): pauses it, reads
+    /// every vCPU on its own thread, then, with every device's worker held
+    /// still, the interrupt controllers, PIT, clock, devices and memory.
+    /// The VM stays paused: resume it to go on, or drop it.
+    pub fn snapshot(&self, dir: &Path) -> Result<()> {
+        let started = Instant::now();
+        self.control
+            .pause()
+            .map_err(|_| Error::Snapshot("the VM is not running".into()))?;
+        let vcpus = self.control.capture()?;
+        let vm = &self.vm;
+        let cpuid_hash = vm.cpuid_hash.clone();
+        vm.mmio.freeze(|devices| {
+            let mut irqchips = Vec::new();
+            for chip_id in snapshot::IRQCHIPS {
+                let mut chip = kvm_bindings::kvm_irqchip {
+                    chip_id,
+                    ..Default::default()
+                };
+                vm.vm_fd
+                    .get_irqchip(&mut chip)
+                    .map_err(|e| Error::Kvm("KVM_GET_IRQCHIP", e))?;
+                irqchips.push(chip);
+            }
+            let state = snapshot::VmState {
+                memory_bytes: vm.memory.iter().map(|r| r.len()).sum(),
+                cpu_profile: vm.profile.to_string(),
+                cpuid_hash,
+                vcpus,
+                irqchips,
+                pit: vm.vm_fd.get_pit2().map_err(|e| Error::Kvm("KVM_GET_PIT2", e))?,
+                clock: vm.vm_fd.get_clock().map_err(|e| Error::Kvm("KVM_GET_CLOCK", e))?,
+                serial: vm.bus.serial_state(),
+                devices: devices.to_vec(),
+            };
+            snapshot::write(dir, &state, |path| snapshot::memory_file::save(&vm.memory, path))
+        })?;
+        tracing::info!(
+            dir = %dir.display(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot written"
+        );
+        Ok(())
     }
 
     /// Blocks until the guest ends, a vCPU fails, or a stop is requested; then

@@ -15,6 +15,7 @@ use super::devices::{PioBus, PioOutcome};
 use super::emulation::{self, Assist};
 use super::error::{hex, Error};
 use super::memory::GuestMemoryHost;
+use super::snapshot::vcpu_state::{self, VcpuState};
 
 /// Why a vCPU stopped running.
 #[derive(Debug)]
@@ -98,6 +99,14 @@ struct ControlState {
     parked: usize,
     /// vCPU threads whose run loop has returned.
     ended: usize,
+    /// Per vCPU: a state capture asked of its parked thread, and its answer.
+    captures: Vec<Capture>,
+}
+
+enum Capture {
+    None,
+    Wanted,
+    Done(Box<Result<VcpuState, Error>>),
 }
 
 impl ControlState {
@@ -116,6 +125,7 @@ impl VcpuControl {
                 threads: vec![None; vcpus],
                 parked: 0,
                 ended: 0,
+                captures: (0..vcpus).map(|_| Capture::None).collect(),
             }),
             changed: Condvar::new(),
         }
@@ -186,6 +196,35 @@ impl VcpuControl {
         Ok(())
     }
 
+    /// The state of every vCPU of a paused VM, each read by its own thread.
+    pub fn capture(&self) -> Result<Vec<VcpuState>, Error> {
+        let not_running = || Error::Snapshot("the VM is not paused".into());
+        let mut state = self.lock();
+        if !state.pause || !state.all_still() || self.stop.load(Ordering::SeqCst) || state.ended > 0 {
+            return Err(not_running());
+        }
+        state.captures.iter_mut().for_each(|c| *c = Capture::Wanted);
+        self.changed.notify_all();
+        loop {
+            if self.stop.load(Ordering::SeqCst) || state.ended > 0 {
+                state.captures.iter_mut().for_each(|c| *c = Capture::None);
+                return Err(not_running());
+            }
+            if state.captures.iter().all(|c| matches!(c, Capture::Done(_))) {
+                break;
+            }
+            state = self.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+        let idle = (0..state.threads.len()).map(|_| Capture::None).collect();
+        std::mem::replace(&mut state.captures, idle)
+            .into_iter()
+            .map(|c| match c {
+                Capture::Done(result) => *result,
+                _ => unreachable!("all done above"),
+            })
+            .collect()
+    }
+
     /// Whether a pause is in force (the vCPUs may still be on their way to
     /// parking if a `pause` call has not returned yet).
     pub fn is_paused(&self) -> bool {
@@ -193,8 +232,9 @@ impl VcpuControl {
     }
 
     /// Called by a vCPU thread that saw the pause flag: waits, out of
-    /// KVM_RUN, until resumed or stopped.
-    fn park(&self, index: u8) {
+    /// KVM_RUN, until resumed or stopped, reading its state with `capture`
+    /// when asked to.
+    fn park(&self, index: u8, capture: &mut dyn FnMut() -> Result<VcpuState, Error>) {
         let mut state = self.lock();
         let parked_at = Instant::now();
         // Counted even if a resume came first: the pauser waiting for this
@@ -202,6 +242,14 @@ impl VcpuControl {
         state.parked += 1;
         self.changed.notify_all();
         while state.pause && !self.stop.load(Ordering::SeqCst) {
+            if matches!(state.captures.get(usize::from(index)), Some(Capture::Wanted)) {
+                drop(state);
+                let result = capture();
+                state = self.lock();
+                state.captures[usize::from(index)] = Capture::Done(Box::new(result));
+                self.changed.notify_all();
+                continue;
+            }
             state = self.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
         }
         state.parked -= 1;
@@ -273,6 +321,8 @@ pub struct Vcpu {
     bus: Arc<PioBus>,
     mmio: Arc<MmioBus>,
     mem: GuestMemoryHost,
+    /// The MSRs a snapshot saves.
+    msr_indices: Arc<Vec<u32>>,
     assists: u64,
 }
 
@@ -284,15 +334,40 @@ enum Next {
 }
 
 impl Vcpu {
-    pub fn new(index: u8, fd: VcpuFd, bus: Arc<PioBus>, mmio: Arc<MmioBus>, mem: GuestMemoryHost) -> Self {
+    pub fn new(
+        index: u8,
+        fd: VcpuFd,
+        bus: Arc<PioBus>,
+        mmio: Arc<MmioBus>,
+        mem: GuestMemoryHost,
+        msr_indices: Arc<Vec<u32>>,
+    ) -> Self {
         Vcpu {
             index,
             fd,
             bus,
             mmio,
             mem,
+            msr_indices,
             assists: 0,
         }
+    }
+
+    /// Reads this vCPU's state for a snapshot. The I/O exit the thread last
+    /// handled is completed first (one `KVM_RUN` that returns before
+    /// entering the guest), or a port or MMIO read's value would be lost.
+    fn capture(&mut self) -> Result<VcpuState, Error> {
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match completed {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Ok(()) => {
+                return Err(self.failure("KVM ran the guest despite immediate_exit".into()));
+            }
+            Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
+        }
+        vcpu_state::capture(&self.fd, &self.msr_indices)
     }
 
     /// Runs the guest until it ends, fails, or `control` stops it; parks
@@ -333,7 +408,8 @@ impl Vcpu {
                 return VcpuEnd::Stopped;
             }
             if control.pause.load(Ordering::SeqCst) {
-                control.park(self.index);
+                let index = self.index;
+                control.park(index, &mut || self.capture());
                 // Stopped while parked, or paused again: the checks above decide.
                 continue;
             }
@@ -513,7 +589,7 @@ mod tests {
                 }
                 if control.pause.load(Ordering::SeqCst) {
                     std::thread::sleep(park_delay);
-                    control.park(index);
+                    control.park(index, &mut || Err(Error::Snapshot("no KVM here".into())));
                     continue;
                 }
                 in_run.fetch_add(1, Ordering::SeqCst);

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod counting;
 pub mod fake_kernel;
 pub mod oci;
 pub mod podman;

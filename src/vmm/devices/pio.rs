@@ -4,7 +4,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use vm_superio::serial::SerialState;
 use vm_superio::{I8042Device, Serial};
+
+use crate::vmm::snapshot::SerialSnapshot;
 
 use super::console::ConsoleWriter;
 use super::triggers::{IrqLine, ResetLine};
@@ -41,14 +44,38 @@ pub struct PioBus {
 }
 
 impl PioBus {
-    pub fn new(serial_irq: IrqLine, console: ConsoleWriter) -> Self {
+    /// The devices at power-on, or the serial port as a snapshot recorded it.
+    pub fn new(
+        serial_irq: IrqLine,
+        console: ConsoleWriter,
+        saved: Option<&SerialSnapshot>,
+    ) -> Result<Self, String> {
         let reset = ResetLine::default();
-        PioBus {
-            serial: Mutex::new(Serial::new(serial_irq, console)),
+        let serial = match saved {
+            None => Serial::new(serial_irq, console),
+            Some(s) => {
+                let state = SerialState {
+                    baud_divisor_low: s.baud_divisor_low,
+                    baud_divisor_high: s.baud_divisor_high,
+                    interrupt_enable: s.interrupt_enable,
+                    interrupt_identification: s.interrupt_identification,
+                    line_control: s.line_control,
+                    line_status: s.line_status,
+                    modem_control: s.modem_control,
+                    modem_status: s.modem_status,
+                    scratch: s.scratch,
+                    in_buffer: s.in_buffer.clone(),
+                };
+                Serial::from_state(&state, serial_irq, vm_superio::serial::NoEvents, console)
+                    .map_err(|e| format!("the saved serial port state: {e:?}"))?
+            }
+        };
+        Ok(PioBus {
+            serial: Mutex::new(serial),
             i8042: Mutex::new(I8042Device::new(reset.clone())),
             reset,
             console_failed: AtomicBool::new(false),
-        }
+        })
     }
 
     /// All devices here have 8-bit registers, so each byte is one access:
@@ -101,6 +128,22 @@ impl PioBus {
         PioOutcome::Continue
     }
 
+    pub fn serial_state(&self) -> SerialSnapshot {
+        let s = lock(&self.serial).state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
     /// Flushes what the console buffered.
     pub fn flush_console(&self) {
         let _ = lock(&self.serial).writer_mut().flush();
@@ -135,7 +178,7 @@ mod tests {
     fn bus() -> (PioBus, Captured) {
         let out = Captured::default();
         let irq = IrqLine(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap());
-        (PioBus::new(irq, Box::new(out.clone())), out)
+        (PioBus::new(irq, Box::new(out.clone()), None).unwrap(), out)
     }
 
     #[test]

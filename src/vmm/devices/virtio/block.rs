@@ -16,7 +16,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::Worker;
-use super::{drain_queue, read_config_bytes, Activation, Interrupt, VirtioDevice};
+use super::{drain_queue, read_config_bytes, Activation, Interrupt, SharedQueues, VirtioDevice};
 use crate::vmm::error::{Error, Result};
 use crate::vmm::memory::GuestMemoryHost;
 
@@ -99,7 +99,7 @@ impl VirtioDevice for Block {
     fn activate(&mut self, activation: Activation) -> io::Result<()> {
         let Activation {
             mem,
-            mut queues,
+            queues,
             mut queue_events,
             interrupt,
         } = activation;
@@ -109,9 +109,9 @@ impl VirtioDevice for Block {
             capacity_bytes: self.capacity * SECTOR_SIZE,
             id: self.id,
         };
-        let (queue, event) = (queues.remove(0), queue_events.remove(0));
+        let event = queue_events.remove(0);
         self.worker = Some(Worker::spawn("virtio-blk".into(), move |stop| {
-            if let Err(e) = serve(backend, mem, queue, event, interrupt, stop) {
+            if let Err(e) = serve(backend, mem, queues, event, interrupt, stop) {
                 tracing::error!("virtio-blk worker: {e}");
             }
         })?);
@@ -120,6 +120,12 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.worker = None;
+    }
+
+    fn identity(&self) -> String {
+        String::from_utf8_lossy(&self.id)
+            .trim_end_matches('\0')
+            .to_owned()
     }
 }
 
@@ -133,7 +139,7 @@ struct Backend {
 fn serve(
     mut backend: Backend,
     mem: GuestMemoryHost,
-    mut queue: Queue,
+    queues: SharedQueues,
     event: EventFd,
     interrupt: std::sync::Arc<Interrupt>,
     stop: EventFd,
@@ -164,7 +170,7 @@ fn serve(
                 STOP => return Ok(()),
                 _ => {
                     let _ = event.read();
-                    process_queue(&mut backend, &mem, &mut queue, &interrupt, &mut buf);
+                    process_queue(&mut backend, &mem, &mut queues.lock()[0], &interrupt, &mut buf);
                 }
             }
         }

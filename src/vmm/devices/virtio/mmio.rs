@@ -4,15 +4,16 @@
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
     VIRTIO_CONFIG_S_FEATURES_OK,
 };
 use virtio_bindings::virtio_mmio::*;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{Activation, Interrupt, SharedQueues, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::vmm::devices::triggers::IrqLine;
 use crate::vmm::error::{Error, Result};
 use crate::vmm::memory::GuestMemoryHost;
@@ -38,7 +39,72 @@ pub struct MmioTransport {
     driver_features: u64,
     status: u32,
     config_generation: u32,
-    activated: bool,
+    /// The queues the device's worker runs on, once activated.
+    active: Option<SharedQueues>,
+}
+
+/// One queue as a snapshot records it (virtio-queue's `QueueState`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<&QueueSnapshot> for QueueState {
+    fn from(q: &QueueSnapshot) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// A device's transport as a snapshot records it: what its driver wrote and
+/// where its queues stand.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TransportSnapshot {
+    pub device_type: u32,
+    /// The device's [`VirtioDevice::identity`].
+    pub identity: String,
+    pub status: u32,
+    pub driver_features: u64,
+    pub queue_select: u32,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub activated: bool,
+    pub queues: Vec<QueueSnapshot>,
 }
 
 impl MmioTransport {
@@ -81,8 +147,76 @@ impl MmioTransport {
             driver_features: 0,
             status: 0,
             config_generation: 0,
-            activated: false,
+            active: None,
         })
+    }
+
+    /// The transport's state; the caller holds the worker still (see
+    /// [`MmioBus::freeze`]) by passing the queues it locked, if active.
+    fn snapshot(&self, active_queues: Option<&[Queue]>) -> Result<TransportSnapshot> {
+        let states: Vec<QueueState> = match active_queues {
+            Some(queues) => queues.iter().map(|q| q.state()).collect(),
+            None => self.queues.iter().map(|q| q.state()).collect(),
+        };
+        self.device.check_snapshot(&states).map_err(Error::Device)?;
+        Ok(TransportSnapshot {
+            device_type: self.device.device_type(),
+            identity: self.device.identity(),
+            status: self.status,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            activated: self.active.is_some(),
+            queues: states.into_iter().map(QueueSnapshot::from).collect(),
+        })
+    }
+
+    /// Puts back what [`snapshot`](Self::snapshot) recorded, on a transport
+    /// just made for a device of the same type and identity; a device that
+    /// was running starts its worker on the restored queues.
+    pub fn restore(&mut self, saved: &TransportSnapshot) -> Result<()> {
+        let what = format!(
+            "device type {} `{}`",
+            self.device.device_type(),
+            self.device.identity()
+        );
+        if saved.device_type != self.device.device_type() || saved.identity != self.device.identity() {
+            return Err(Error::Device(format!(
+                "the snapshot has device type {} `{}` where this VM has {what}",
+                saved.device_type, saved.identity
+            )));
+        }
+        if saved.queues.len() != self.queues.len() {
+            return Err(Error::Device(format!(
+                "{what}: the snapshot has {} queues, the device {}",
+                saved.queues.len(),
+                self.queues.len()
+            )));
+        }
+        for (q, state) in self.queues.iter_mut().zip(&saved.queues) {
+            *q = Queue::try_from(QueueState::from(state))
+                .map_err(|e| Error::Device(format!("{what}: a saved queue is invalid: {e:?}")))?;
+        }
+        self.status = saved.status;
+        self.driver_features = saved.driver_features;
+        self.queue_select = saved.queue_select;
+        self.device_features_select = saved.device_features_select;
+        self.driver_features_select = saved.driver_features_select;
+        self.config_generation = saved.config_generation;
+        self.interrupt.restore_status(saved.interrupt_status);
+        if saved.activated {
+            self.device.restored();
+            self.activate();
+            if self.active.is_none() {
+                return Err(Error::Device(format!(
+                    "{what}: could not be restarted from the snapshot"
+                )));
+            }
+        }
+        Ok(())
     }
 
     pub fn device_type(&self) -> u32 {
@@ -231,7 +365,7 @@ impl MmioTransport {
             | VIRTIO_CONFIG_S_DRIVER
             | VIRTIO_CONFIG_S_FEATURES_OK
             | VIRTIO_CONFIG_S_DRIVER_OK;
-        if newly & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.status & ready == ready && !self.activated {
+        if newly & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.status & ready == ready && self.active.is_none() {
             self.activate();
         }
     }
@@ -258,16 +392,17 @@ impl MmioTransport {
                 }
             }
         }
+        let shared = SharedQueues::new(queues);
         let activation = Activation {
             mem: self.mem.clone(),
-            queues,
+            queues: shared.clone(),
             queue_events: events,
             interrupt: self.interrupt.clone(),
         };
         match self.device.activate(activation) {
             Ok(()) => {
                 tracing::debug!(device, "virtio device activated");
-                self.activated = true;
+                self.active = Some(shared);
             }
             Err(e) => {
                 tracing::error!(device, "activating virtio device: {e}");
@@ -277,9 +412,8 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        if self.activated {
+        if self.active.take().is_some() {
             self.device.reset();
-            self.activated = false;
         }
         for q in &mut self.queues {
             q.reset();
@@ -310,6 +444,32 @@ impl MmioBus {
             .iter()
             .find(|(base, _)| addr >= *base && addr < base + MMIO_WINDOW)
             .map(|(base, t)| (addr - base, t))
+    }
+
+    /// Every device's transport state, taken with all their workers held
+    /// still; `while_frozen` runs before they are let go, so what it saves
+    /// (guest memory) matches the queues.
+    pub fn freeze<T>(
+        &self,
+        while_frozen: impl FnOnce(&[TransportSnapshot]) -> Result<T>,
+    ) -> Result<(Vec<TransportSnapshot>, T)> {
+        let transports: Vec<_> = self
+            .devices
+            .iter()
+            .map(|(_, t)| t.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        let shared: Vec<Option<SharedQueues>> = transports.iter().map(|t| t.active.clone()).collect();
+        let held: Vec<_> = shared
+            .iter()
+            .map(|s| s.as_ref().map(SharedQueues::lock))
+            .collect();
+        let snapshots = transports
+            .iter()
+            .zip(&held)
+            .map(|(t, queues)| t.snapshot(queues.as_deref().map(Vec::as_slice)))
+            .collect::<Result<Vec<_>>>()?;
+        let saved = while_frozen(&snapshots)?;
+        Ok((snapshots, saved))
     }
 
     /// Returns false when no device claims `addr`.

@@ -13,7 +13,7 @@ pub mod vsock;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -60,8 +60,14 @@ impl Interrupt {
         }
     }
 
-    fn status(&self) -> u32 {
+    pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
+    }
+
+    /// Brings back the status bits a snapshot recorded; the line itself is
+    /// part of the interrupt controller's state.
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 
     fn acknowledge(&self, bits: u32) {
@@ -69,10 +75,28 @@ impl Interrupt {
     }
 }
 
+/// A device's queues, shared by its worker and the transport. The worker
+/// holds the lock while it processes them, so whoever else holds it (a
+/// snapshot) sees them, and the guest memory they point at, at rest.
+#[derive(Clone, Default)]
+pub struct SharedQueues(Arc<Mutex<Vec<Queue>>>);
+
+impl SharedQueues {
+    pub fn new(queues: Vec<Queue>) -> Self {
+        SharedQueues(Arc::new(Mutex::new(queues)))
+    }
+
+    /// A worker that panicked mid-request left the rings no worse than a
+    /// guest could, and the snapshot or the next request must still get in.
+    pub fn lock(&self) -> MutexGuard<'_, Vec<Queue>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// What a device gets when the driver has set it up.
 pub struct Activation {
     pub mem: GuestMemoryHost,
-    pub queues: Vec<Queue>,
+    pub queues: SharedQueues,
     /// One per queue, signalled when the driver notifies that queue.
     pub queue_events: Vec<EventFd>,
     pub interrupt: Arc<Interrupt>,
@@ -97,6 +121,20 @@ pub trait VirtioDevice: Send {
             "config write ignored"
         );
     }
+    /// What tells this device apart from others of its type in a snapshot
+    /// (a share's tag, a disk's id): a restored VM must have the devices,
+    /// in order, that its guest probed.
+    fn identity(&self) -> String {
+        String::new()
+    }
+    /// Whether the state of its queues, `queues`, is all there is to save:
+    /// an error says what lives only in the VMM and cannot be.
+    fn check_snapshot(&self, _queues: &[virtio_queue::QueueState]) -> Result<(), String> {
+        Ok(())
+    }
+    /// Called before `activate` on a device restored from a snapshot
+    /// rather than set up by its driver.
+    fn restored(&mut self) {}
     /// Starts processing the queues.
     fn activate(&mut self, activation: Activation) -> std::io::Result<()>;
     /// Stops processing and forgets the queues (the driver reset the device).

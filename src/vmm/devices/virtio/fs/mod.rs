@@ -150,6 +150,23 @@ impl VirtioDevice for Fs {
     fn reset(&mut self) {
         self.worker = None;
     }
+
+    fn identity(&self) -> String {
+        self.config.tag.clone()
+    }
+
+    fn check_snapshot(&self, queues: &[virtio_queue::QueueState]) -> std::result::Result<(), String> {
+        // Once the guest has sent a request, its FUSE session (node ids,
+        // open handles) lives in this VMM's passthrough and would not
+        // exist in a restored one.
+        if queues.iter().any(|q| q.next_avail != 0) {
+            return Err(format!(
+                "virtio-fs {}: the guest has used the share, and its FUSE session cannot be saved",
+                self.config.tag
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A passthrough filesystem rooted at a directory, answering FUSE requests
@@ -261,7 +278,7 @@ fn refuse(mem: &GuestMemoryHost, chain: DescriptorChain<&GuestMemoryHost>) -> u3
 fn serve(handler: &RequestHandler, activation: Activation, stop: &EventFd) -> io::Result<()> {
     let Activation {
         mem,
-        mut queues,
+        queues,
         queue_events,
         interrupt,
     } = activation;
@@ -293,9 +310,13 @@ fn serve(handler: &RequestHandler, activation: Activation, stop: &EventFd) -> io
             }
             let index = token as usize;
             let _ = queue_events[index].read();
-            drain_queue(&mut queues[index], &mem, &interrupt, "virtio-fs", |chain| {
-                handler(&mem, chain)
-            });
+            drain_queue(
+                &mut queues.lock()[index],
+                &mem,
+                &interrupt,
+                "virtio-fs",
+                |chain| handler(&mem, chain),
+            );
         }
     }
 }

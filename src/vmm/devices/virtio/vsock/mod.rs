@@ -43,6 +43,9 @@ pub struct Vsock {
     listener: UnixListener,
     config: [u8; 8],
     worker: Option<Worker>,
+    /// Restored from a snapshot: the guest's connections are to a host side
+    /// that is gone, and it must re-read its CID.
+    announce_reset: bool,
 }
 
 impl Vsock {
@@ -66,6 +69,7 @@ impl Vsock {
             listener,
             config: u64::from(config.guest_cid).to_le_bytes(),
             worker: None,
+            announce_reset: false,
         })
     }
 }
@@ -94,9 +98,21 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.config, offset, data);
     }
 
+    fn identity(&self) -> String {
+        "vsock".into()
+    }
+
+    fn restored(&mut self) {
+        self.announce_reset = true;
+    }
+
     fn activate(&mut self, activation: Activation) -> io::Result<()> {
         let muxer = Muxer::new(self.guest_cid, &self.uds_path, self.listener.try_clone()?)?;
+        let announce_reset = std::mem::take(&mut self.announce_reset);
         self.worker = Some(Worker::spawn("virtio-vsock".into(), move |stop| {
+            if announce_reset {
+                announce_transport_reset(&activation);
+            }
             if let Err(e) = serve(muxer, activation, stop) {
                 tracing::error!("virtio-vsock worker: {e}");
             }
@@ -114,7 +130,7 @@ impl VirtioDevice for Vsock {
 fn serve(mut muxer: Muxer, activation: Activation, stop: EventFd) -> io::Result<()> {
     let Activation {
         mem,
-        mut queues,
+        queues: shared,
         queue_events,
         interrupt,
     } = activation;
@@ -157,6 +173,7 @@ fn serve(mut muxer: Muxer, activation: Activation, stop: EventFd) -> io::Result<
             }
         }
         muxer.expire_connecting(std::time::Instant::now());
+        let mut queues = shared.lock();
         if tx_waiting {
             let (used, done) = drain_tx(&mut muxer, &mem, &mut queues[TX], &mut payload);
             tx_used |= used;
@@ -177,6 +194,33 @@ fn serve(mut muxer: Muxer, activation: Activation, stop: EventFd) -> io::Result<
             }
         }
     }
+}
+
+/// Tells the guest driver its transport was reset (virtio 1.2 §5.10.6.6):
+/// it re-reads its CID from the config space and resets every socket, so
+/// the agent's connection to the VMM that took the snapshot ends and it
+/// connects again to this one.
+fn announce_transport_reset(activation: &Activation) {
+    const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+    let mem = &activation.mem;
+    let mut queues = activation.queues.lock();
+    let queue = &mut queues[EVENT];
+    let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        tracing::warn!("vsock: the guest left no event buffer for the transport reset");
+        return;
+    };
+    let head = chain.head_index();
+    let id = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+    let written = match chain.writer::<()>(mem).map(|mut w| w.write_all(&id)) {
+        Ok(Ok(())) => id.len() as u32,
+        _ => {
+            tracing::warn!("vsock: an event buffer too small or outside guest memory");
+            0
+        }
+    };
+    let _ = queue.add_used(mem, head, written);
+    activation.interrupt.used_buffers(queue, mem);
+    tracing::debug!("vsock: transport reset announced");
 }
 
 /// Hands the packets the guest queued to the muxer, as long as it takes them.
