@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 
 use skiff_protocol::{
     read_frame, write_frame, AgentMessage, ContainerSpec, HostMessage, Process, StreamHello, StreamKind,
-    Timings, CONTROL_PORT, ROOT_TAG, STREAM_PORT, VERSION,
+    Timings, CONTROL_PORT, PROVISION_ENTROPY_BYTES, PROVISION_ID, ROOT_TAG, STREAM_PORT, VERSION,
 };
 
 use super::error::RuntimeError;
 use super::root::GuestRoot;
 use crate::vmm::{
-    self, BlockConfig, BootSource, ConsoleOutput, CpuProfile, FsConfig, MemorySize, ShareFlags, StopHandle,
-    Vm, VmConfig, VmExit, VsockConfig,
+    self, BlockConfig, BootSource, ConsoleOutput, CpuProfile, FsConfig, MemorySize, ShareFlags,
+    SnapshotHandle, StopHandle, Vm, VmConfig, VmExit, VsockConfig,
 };
 
 /// The guest's vsock CID. Every VM has its own device and host socket, so
@@ -71,6 +71,7 @@ pub struct Sandbox {
     pending: VecDeque<Event>,
     stop: StopHandle,
     pause: vmm::PauseHandle,
+    snapshot: SnapshotHandle,
     vm_thread: Option<JoinHandle<()>>,
     reader: Option<JoinHandle<()>>,
     uds_path: PathBuf,
@@ -96,9 +97,27 @@ impl Cancel {
     }
 }
 
+/// How the VM comes to be.
+#[derive(Debug, Clone)]
+pub enum Launch {
+    /// The kernel boots.
+    Boot,
+    /// The snapshot in this directory is restored (see `Sandbox::snapshot`).
+    Restore(PathBuf),
+}
+
 impl Sandbox {
-    /// Boots the VM and waits for its agent.
+    /// Boots the VM, waits for its agent, and provisions it.
     pub fn boot(config: SandboxConfig, cancel: &Cancel) -> Result<Sandbox, RuntimeError> {
+        let mut sandbox = Sandbox::launch(config, Launch::Boot, cancel)?;
+        sandbox.provision()?;
+        Ok(sandbox)
+    }
+
+    /// Makes the VM and waits for its agent's `Ready`; the agent then
+    /// waits for [`provision`](Self::provision), and this is the moment a
+    /// template is [snapshotted](Self::snapshot).
+    pub fn launch(config: SandboxConfig, launch: Launch, cancel: &Cancel) -> Result<Sandbox, RuntimeError> {
         std::fs::create_dir_all(&config.work_dir)
             .map_err(|e| RuntimeError::io(format!("creating {}", config.work_dir.display()), e))?;
         // From here on a failure must remove the work dir again.
@@ -156,11 +175,15 @@ impl Sandbox {
         // Before the VM exists: from its start on, nothing may fail
         // between starting it and owning it in a `Sandbox` that stops it.
         let placeholder = placeholder_stream()?;
-        let vm = Vm::create(vm_config)?;
+        let vm = match &launch {
+            Launch::Boot => Vm::create(vm_config)?,
+            Launch::Restore(dir) => Vm::restore(vm_config, dir)?,
+        };
         let booted_at = Instant::now();
         let running = vm.start()?;
         let stop = running.stop_handle();
         let pause = running.pause_handle();
+        let snapshot = running.snapshot_handle();
         let (tx, events) = mpsc::channel();
         let vm_tx = tx.clone();
         let vm_thread = std::thread::Builder::new()
@@ -176,6 +199,7 @@ impl Sandbox {
             pending: VecDeque::new(),
             stop,
             pause,
+            snapshot,
             vm_thread: Some(vm_thread),
             reader: None,
             uds_path,
@@ -213,6 +237,35 @@ impl Sandbox {
                 .map_err(|e| RuntimeError::io("starting the agent reader", e))?,
         );
         Ok(sandbox)
+    }
+
+    /// Sends what makes this VM unlike any other from the same snapshot
+    /// (fresh entropy, the time) and checks the guest's vsock CID.
+    pub fn provision(&mut self) -> Result<(), RuntimeError> {
+        let mut entropy = vec![0u8; PROVISION_ENTROPY_BYTES];
+        fill_random(&mut entropy)?;
+        let realtime_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        self.send(&HostMessage::Provision { entropy, realtime_ns })?;
+        match self.expect(PROVISION_ID)? {
+            AgentMessage::Provisioned { cid } if cid == GUEST_CID => Ok(()),
+            AgentMessage::Provisioned { cid } => Err(RuntimeError::Agent(format!(
+                "the guest's vsock CID is {cid}, not {GUEST_CID}: it did not re-read it"
+            ))),
+            AgentMessage::Failed { error, .. } => {
+                Err(RuntimeError::Agent(format!("provisioning the guest: {error}")))
+            }
+            other => Err(RuntimeError::Agent(format!(
+                "expected Provisioned, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Writes the VM to `dir` (see `vmm::RunningVm::snapshot`) and leaves
+    /// it paused.
+    pub fn snapshot(&self, dir: &Path) -> Result<(), RuntimeError> {
+        self.snapshot.snapshot(dir).map_err(RuntimeError::from)
     }
 
     fn accept_agent(&mut self, listener: &UnixListener, cancel: &Cancel) -> Result<UnixStream, RuntimeError> {
@@ -491,6 +544,7 @@ fn gone() -> Event {
 pub fn message_id(msg: &AgentMessage) -> Option<&str> {
     match msg {
         AgentMessage::Ready { .. } => None,
+        AgentMessage::Provisioned { .. } => Some(PROVISION_ID),
         AgentMessage::Created { id, .. }
         | AgentMessage::Started { id }
         | AgentMessage::Failed { id, .. }
@@ -539,6 +593,24 @@ pub fn connect_guest_port(uds: &Path, port: u32) -> Result<UnixStream, RuntimeEr
         )));
     }
     Ok(s)
+}
+
+/// Fills `buf` from the kernel's generator.
+fn fill_random(buf: &mut [u8]) -> Result<(), RuntimeError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: getrandom writes at most the given length into the slice.
+        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(RuntimeError::io("getrandom", e));
+            }
+            continue;
+        }
+        filled += n as usize;
+    }
+    Ok(())
 }
 
 /// A connected-but-unused stream to fill the control slot until the agent connects.

@@ -530,6 +530,24 @@ fn enter_long_mode(fd: &VcpuFd, cr3: u64, entry: u64, arg: u64, index: u8) -> Re
 enum Event {
     Vcpu(u8, VcpuEnd),
     StopRequested,
+    Snapshot(std::path::PathBuf, Sender<Result<()>>),
+}
+
+/// Snapshots a running VM from any thread; the thread in
+/// [`RunningVm::wait`] carries it out, so the VM cannot end meanwhile.
+#[derive(Clone)]
+pub struct SnapshotHandle(Sender<Event>);
+
+impl SnapshotHandle {
+    /// As [`RunningVm::snapshot`]: the VM is left paused.
+    pub fn snapshot(&self, dir: &Path) -> Result<()> {
+        let (reply, answer) = channel();
+        let gone = || Error::Snapshot("the VM has ended".into());
+        self.0
+            .send(Event::Snapshot(dir.to_owned(), reply))
+            .map_err(|_| gone())?;
+        answer.recv().unwrap_or_else(|_| Err(gone()))
+    }
 }
 
 /// Asks a running VM to stop, from any thread.
@@ -586,6 +604,10 @@ impl RunningVm {
         PauseHandle(self.control.clone())
     }
 
+    pub fn snapshot_handle(&self) -> SnapshotHandle {
+        SnapshotHandle(self.events.clone())
+    }
+
     pub fn memory(&self) -> &GuestMemoryHost {
         &self.vm.memory
     }
@@ -639,7 +661,14 @@ impl RunningVm {
     /// stops every vCPU and returns how it ended.
     pub fn wait(mut self) -> Result<VmExit> {
         // `self` holds a sender, so this only returns with an event.
-        let event = self.receiver.recv().unwrap_or(Event::StopRequested);
+        let event = loop {
+            match self.receiver.recv().unwrap_or(Event::StopRequested) {
+                Event::Snapshot(dir, reply) => {
+                    let _ = reply.send(self.snapshot(&dir));
+                }
+                other => break other,
+            }
+        };
         // Measured while the guest's memory is still mapped, and only when it
         // will be logged: mincore over all guest RAM is not free for big guests.
         if tracing::enabled!(tracing::Level::INFO) {
@@ -655,7 +684,7 @@ impl RunningVm {
         self.shutdown();
         let elapsed = self.started.elapsed();
         let outcome = match event {
-            Event::StopRequested => Ok(VmExit::Stopped),
+            Event::StopRequested | Event::Snapshot(..) => Ok(VmExit::Stopped),
             Event::Vcpu(index, end) => {
                 tracing::debug!(vcpu = index, ?end, "first vCPU to stop");
                 match end {

@@ -12,6 +12,7 @@ pub mod mounts;
 mod passwd;
 mod pid1;
 mod procfs;
+mod provision;
 mod reaper;
 mod relay;
 pub mod resolve;
@@ -24,7 +25,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use skiff_protocol::{write_frame, AgentMessage, CONTROL_PORT, HOST_CID, STREAM_PORT, VERSION};
+use skiff_protocol::{
+    read_frame, write_frame, AgentMessage, HostMessage, CONTROL_PORT, HOST_CID, PROVISION_ID, STREAM_PORT,
+    VERSION,
+};
 
 use crate::log::{debug, info};
 pub use crate::transport::Address;
@@ -98,16 +102,7 @@ pub fn run(config: Config) -> Result<(), String> {
     // Listening before saying Ready: the host may connect streams as soon
     // as it has heard from the agent.
     let listener = config.streams.listen().map_err(|e| e.to_string())?;
-    let mut control = config
-        .control
-        .connect(CONNECT_ATTEMPTS, CONNECT_PAUSE)
-        .map_err(|e| e.to_string())?;
-    debug!("connected to {}", config.control);
-    let ready = AgentMessage::Ready {
-        version: VERSION,
-        uptime_ms: uptime_ms(),
-    };
-    write_frame(&mut control, &ready).map_err(|e| format!("sending Ready: {e}"))?;
+    let control = handshake(&config.control, hosted_root.is_none())?;
     let reader = control
         .try_clone()
         .map_err(|e| format!("dup of the control socket: {e}"))?;
@@ -129,6 +124,55 @@ pub fn run(config: Config) -> Result<(), String> {
         let _ = acceptor.join();
     }
     Ok(())
+}
+
+/// Connects to the host, says `Ready`, and waits for `Provision`. In the VM,
+/// a connection that fails before `Provision` came is the transport reset
+/// of a restore from a snapshot (see `skiff_protocol`): the host that
+/// snapshotted is gone and the one that restored listens, so connect again.
+fn handshake(address: &Address, in_vm: bool) -> Result<transport::Conn, String> {
+    loop {
+        let mut control = address
+            .connect(CONNECT_ATTEMPTS, CONNECT_PAUSE)
+            .map_err(|e| e.to_string())?;
+        debug!("connected to {address}");
+        let ready = AgentMessage::Ready {
+            version: VERSION,
+            uptime_ms: uptime_ms(),
+        };
+        write_frame(&mut control, &ready).map_err(|e| format!("sending Ready: {e}"))?;
+        let (entropy, realtime_ns) = match read_frame::<_, HostMessage>(&mut control) {
+            Ok(Some(HostMessage::Provision { entropy, realtime_ns })) => (entropy, realtime_ns),
+            Ok(Some(other)) => return Err(format!("expected Provision, got {other:?}")),
+            Ok(None) => return Err("the control connection ended before Provision".into()),
+            Err(e) if in_vm && e.kind() != std::io::ErrorKind::InvalidData => {
+                info!("the control connection was reset ({e}): restored from a snapshot; connecting again");
+                continue;
+            }
+            Err(e) => return Err(format!("waiting for Provision: {e}")),
+        };
+        // Hosted, the kernel and clock are the host's own, and there is no CID.
+        let applied = if in_vm {
+            provision::reseed(&entropy)
+                .and_then(|()| provision::set_clock(realtime_ns))
+                .and_then(|()| provision::local_cid())
+        } else {
+            Ok(0)
+        };
+        let answer = match applied {
+            Ok(cid) => AgentMessage::Provisioned { cid },
+            Err(error) => {
+                info!("{error}");
+                AgentMessage::Failed {
+                    id: PROVISION_ID.into(),
+                    error,
+                    exit_code: 1,
+                }
+            }
+        };
+        write_frame(&mut control, &answer).map_err(|e| format!("answering Provision: {e}"))?;
+        return Ok(control);
+    }
 }
 
 fn uptime_ms() -> u64 {

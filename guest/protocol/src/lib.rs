@@ -14,6 +14,8 @@
 //! # Life of a container
 //! ```text
 //! agent → Ready{version}
+//! host  → Provision{entropy, realtime_ns}
+//! agent → Provisioned{cid} | Failed{id: PROVISION_ID}
 //! host  → CreateContainer{root, mounts, files, hostname, process}   (process id INIT_ID)
 //! agent → Created{id} | Failed{id, exit_code}
 //! host  ⇒ stream connections for INIT_ID (streams_for(process))
@@ -25,6 +27,16 @@
 //! agent → Exited{id, status}        (after that process's output is all sent)
 //! host  → Shutdown                  (after it has read every stream to its end)
 //! ```
+//! # Templates
+//! A VM may be snapshotted while its agent waits for `Provision`, and
+//! restored any number of times. A restored VM's vsock transport is reset:
+//! the agent's read of the control connection fails, and it connects again
+//! to the host that restored it and says `Ready` anew. What must differ
+//! between two VMs restored from one snapshot comes with `Provision`: fresh
+//! entropy the guest kernel reseeds its random number generator from, and
+//! the wall-clock time; `Provisioned` reports the vsock CID the guest now
+//! has. Cold-booted VMs go through the same exchange.
+//!
 //! The agent powers the VM off after `Shutdown`, or when the control
 //! connection ends. Exits of INIT_ID end the container: the agent kills what
 //! is left, reports it, and waits for `Shutdown`.
@@ -56,7 +68,8 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped on any change a peer built from an older copy would misread.
 /// 2: `Signal.all`, `ListProcesses`/`Processes`, `ContainerSpec.files`.
-pub const VERSION: u32 = 3;
+/// 3: `ContainerSpec.root` as `RootFs`. 4: `Provision`/`Provisioned`.
+pub const VERSION: u32 = 4;
 /// vsock's well-known CID of the host.
 pub const HOST_CID: u32 = 2;
 /// Host port the agent connects to for the control connection.
@@ -101,10 +114,26 @@ pub fn check_staged_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The id a failed `Provision` is reported under.
+pub const PROVISION_ID: &str = "provision";
+/// How many bytes of entropy `Provision` carries: a full reseed of the
+/// guest kernel's ChaCha20-based generator takes 32.
+pub const PROVISION_ENTROPY_BYTES: usize = 64;
+
 /// What the host asks of the agent.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum HostMessage {
+    /// The first message after `Ready`: what makes this VM unlike others
+    /// restored from the same snapshot. Answered with `Provisioned`.
+    Provision {
+        /// Mixed into the guest kernel's entropy pool and credited, then
+        /// the generator is reseeded at once.
+        #[serde(with = "base64")]
+        entropy: Vec<u8>,
+        /// The host's `CLOCK_REALTIME` in nanoseconds since the epoch.
+        realtime_ns: u64,
+    },
     /// Mount the root filesystem and the OCI mounts, set the hostname,
     /// switch root, and create the container's process ([`INIT_ID`]) stopped
     /// before `execve`, waiting for `Start`.
@@ -142,6 +171,11 @@ pub enum AgentMessage {
         version: u32,
         /// Guest time since boot (CLOCK_BOOTTIME), for start-up figures.
         uptime_ms: u64,
+    },
+    /// `Provision` was applied.
+    Provisioned {
+        /// The guest's vsock CID as the guest sees it now.
+        cid: u32,
     },
     /// The process exists and waits for `Start`.
     Created {

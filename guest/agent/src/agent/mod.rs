@@ -193,6 +193,11 @@ impl Agent {
             };
             debug!("← {msg:?}");
             match msg {
+                HostMessage::Provision { .. } => self.send(&failed(
+                    skiff_protocol::PROVISION_ID,
+                    "the guest was provisioned already",
+                    1,
+                )),
                 HostMessage::CreateContainer(spec) => self.create_container(spec),
                 HostMessage::Exec { id, process } => self.exec(id, process),
                 HostMessage::Start { id } => self.start(id),

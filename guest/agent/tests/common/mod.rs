@@ -146,6 +146,15 @@ impl Host {
             AgentMessage::Ready { version, .. } => assert_eq!(version, skiff_protocol::VERSION),
             other => panic!("expected Ready, got {other:?}"),
         }
+        host.send(&HostMessage::Provision {
+            entropy: vec![7; skiff_protocol::PROVISION_ENTROPY_BYTES],
+            realtime_ns: 0,
+        });
+        match host.recv() {
+            // Over a Unix socket there is no CID.
+            AgentMessage::Provisioned { cid } => assert_eq!(cid, 0),
+            other => panic!("expected Provisioned, got {other:?}"),
+        }
         host
     }
 
