@@ -202,7 +202,7 @@ impl Machine {
         mmio: MmioBus,
         fds: Vec<VcpuFd>,
         cpuid_hash: String,
-        serial: Option<&snapshot::SerialSnapshot>,
+        serial: Option<&vm_superio::serial::SerialState>,
     ) -> Result<Vm> {
         // Close-on-exec like every other fd here: a helper process the
         // runtime starts must not be able to raise the guest's IRQ 4.

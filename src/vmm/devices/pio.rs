@@ -7,8 +7,6 @@ use std::sync::Mutex;
 use vm_superio::serial::SerialState;
 use vm_superio::{I8042Device, Serial};
 
-use crate::vmm::snapshot::SerialSnapshot;
-
 use super::console::ConsoleWriter;
 use super::triggers::{IrqLine, ResetLine};
 
@@ -48,27 +46,13 @@ impl PioBus {
     pub fn new(
         serial_irq: IrqLine,
         console: ConsoleWriter,
-        saved: Option<&SerialSnapshot>,
+        saved: Option<&SerialState>,
     ) -> Result<Self, String> {
         let reset = ResetLine::default();
         let serial = match saved {
             None => Serial::new(serial_irq, console),
-            Some(s) => {
-                let state = SerialState {
-                    baud_divisor_low: s.baud_divisor_low,
-                    baud_divisor_high: s.baud_divisor_high,
-                    interrupt_enable: s.interrupt_enable,
-                    interrupt_identification: s.interrupt_identification,
-                    line_control: s.line_control,
-                    line_status: s.line_status,
-                    modem_control: s.modem_control,
-                    modem_status: s.modem_status,
-                    scratch: s.scratch,
-                    in_buffer: s.in_buffer.clone(),
-                };
-                Serial::from_state(&state, serial_irq, vm_superio::serial::NoEvents, console)
-                    .map_err(|e| format!("the saved serial port state: {e:?}"))?
-            }
+            Some(state) => Serial::from_state(state, serial_irq, vm_superio::serial::NoEvents, console)
+                .map_err(|e| format!("the saved serial port state: {e:?}"))?,
         };
         Ok(PioBus {
             serial: Mutex::new(serial),
@@ -128,20 +112,8 @@ impl PioBus {
         PioOutcome::Continue
     }
 
-    pub fn serial_state(&self) -> SerialSnapshot {
-        let s = lock(&self.serial).state();
-        SerialSnapshot {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
+    pub fn serial_state(&self) -> SerialState {
+        lock(&self.serial).state()
     }
 
     /// Flushes what the console buffered.

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2, CpuId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use vm_superio::serial::SerialState;
 
 use super::devices::virtio::mmio::TransportSnapshot;
 use super::error::{Error, Result};
@@ -37,19 +38,20 @@ pub const IRQCHIPS: [u32; 3] = [
     kvm_bindings::KVM_IRQCHIP_IOAPIC,
 ];
 
-/// The 16550's registers (vm-superio's `SerialState`).
-#[derive(Serialize, Deserialize, Clone, Debug, Default)]
-pub struct SerialSnapshot {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
+/// How vm-superio's `SerialState` (the 16550's registers) is saved.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
+struct SerialStateDef {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
 }
 
 /// Everything but the memory.
@@ -64,7 +66,8 @@ pub struct VmState {
     pub irqchips: Vec<kvm_irqchip>,
     pub pit: kvm_pit_state2,
     pub clock: kvm_clock_data,
-    pub serial: SerialSnapshot,
+    #[serde(with = "SerialStateDef")]
+    pub serial: SerialState,
     /// In virtio-mmio slot order.
     pub devices: Vec<TransportSnapshot>,
 }
