@@ -48,6 +48,24 @@ fn config(dir: &Path, name: &str, root: &Path) -> SandboxConfig {
     }
 }
 
+/// Prints every VM's console if the test fails.
+struct Consoles<'a>(&'a Path);
+
+impl Drop for Consoles<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for name in ["original", "copy0", "copy1"] {
+            let path = self.0.join(format!("{name}.console"));
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+            eprintln!("--- {name}'s console, last 60 lines ---\n{tail}");
+        }
+    }
+}
+
 /// Runs `script` as the container's process; returns its stdout.
 fn run(sandbox: &mut Sandbox, hostname: &str, script: &str) -> String {
     let process = serde_json::from_value(serde_json::json!({
@@ -111,6 +129,7 @@ const SCRIPT: &str = "hostname; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' 
 fn a_template_snapshot_goes_on_and_restores_twice_in_isolation() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    let _consoles = Consoles(d);
     let snap = d.join("template");
     let cancel = Cancel::default();
 

@@ -79,6 +79,36 @@ pub fn resident_bytes(mem: &GuestMemoryHost) -> u64 {
     total
 }
 
+/// Which pages of `len` bytes at `host` (page-aligned, in this process)
+/// the guest or host ever touched: those present in RAM or in swap, from
+/// /proc/self/pagemap. The others have never been written and read as
+/// zeros, so a snapshot skips them instead of reading (and mapping) the
+/// whole of a mostly idle guest's RAM.
+pub fn touched_pages(host: *const u8, len: usize) -> std::io::Result<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let page = layout::PAGE_SIZE as usize;
+    let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    let pages = len.div_ceil(page);
+    let mut entries = vec![0u8; pages * 8];
+    let first = (host as usize / page) as u64 * 8;
+    let mut got = 0;
+    while got < entries.len() {
+        match pagemap.read_at(&mut entries[got..], first + got as u64)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
+        }
+    }
+    Ok(entries
+        .chunks_exact(8)
+        .map(|e| {
+            let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
+            e & (PRESENT | SWAPPED) != 0
+        })
+        .collect())
+}
+
 /// Resident set size of this process, from /proc/self/statm.
 pub fn process_rss() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -108,6 +138,14 @@ mod tests {
         mem.write_obj(1u8, GuestAddress(0x1000)).unwrap();
         mem.write_obj(1u8, GuestAddress(0x20_0000)).unwrap();
         assert_eq!(resident_bytes(&mem), 2 * layout::PAGE_SIZE);
+        let region = mem.iter().next().unwrap();
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .unwrap();
+        let touched = touched_pages(host, 4 << 20).unwrap();
+        assert_eq!(touched.len(), 1024);
+        let at: Vec<usize> = (0..touched.len()).filter(|&i| touched[i]).collect();
+        assert_eq!(at, [1, 0x200]);
     }
 
     #[test]

@@ -79,6 +79,11 @@ pub const STREAM_PORT: u32 = 1025;
 /// The id of the container's own process (OCI `process`); exec'd processes
 /// get ids chosen by the host.
 pub const INIT_ID: &str = "init";
+/// The agent's refusal of a second `CreateContainer`. Hosts also meet it
+/// in answer to a `Start` right after create: on software-KVM hosts the
+/// agent has been seen to read that `Start` as the `CreateContainer`
+/// before it, a defect of guest memory there; the `Start` is sent again.
+pub const ALREADY_CREATED: &str = "the container was already created";
 /// On the guest kernel's command line: the agent logs every step on the
 /// console.
 pub const DEBUG_FLAG: &str = "skiff.debug";

@@ -54,11 +54,19 @@ pub fn save(mem: &GuestMemoryHost, path: &Path) -> Result<String> {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .map_err(|e| Error::Memory(e.to_string()))?;
-        // SAFETY: the region is a live mapping of `len` bytes owned by
-        // `mem`; the vCPUs are paused and the device workers held, so
-        // nothing writes it while it is read here.
-        let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
-        for (i, page) in bytes.chunks(PAGE).enumerate() {
+        // A restored VM's RAM is mapped from a file: its untouched pages
+        // hold the file's data, so all of them are read.
+        let touched = if region.file_offset().is_some() {
+            vec![true; len.div_ceil(PAGE)]
+        } else {
+            crate::vmm::memory::touched_pages(host.cast_const(), len)
+                .map_err(|e| Error::Memory(format!("reading /proc/self/pagemap: {e}")))?
+        };
+        for (i, _) in touched.iter().enumerate().filter(|(_, &t)| t) {
+            // SAFETY: page `i` lies within the region, a live mapping of
+            // `len` bytes owned by `mem`; the vCPUs are paused and the
+            // device workers held, so nothing writes it while it is read.
+            let page = unsafe { std::slice::from_raw_parts(host.cast_const().add(i * PAGE), PAGE) };
             let at = offset + (i * PAGE) as u64;
             if page.iter().any(|&b| b != 0) {
                 file.write_all_at(page, at).map_err(err)?;

@@ -224,7 +224,7 @@ impl Agent {
 
     fn create_container(self: &Arc<Self>, spec: ContainerSpec) {
         if self.state().container != Container::None {
-            self.send(&failed(INIT_ID, "the container was already created", 1));
+            self.send(&failed(INIT_ID, skiff_protocol::ALREADY_CREATED, 1));
             return;
         }
         self.state().container = Container::Over;
