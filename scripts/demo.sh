@@ -33,5 +33,8 @@ cat >"$bundle/config.json" <<JSON
   ]
 }
 JSON
-echo "[demo] starting a container in a microVM (about a minute on a host without hardware virtualization)" >&2
-"$repo_root/target/release/skiff" --root "$bundle/state" run --bundle "$bundle" "$@" skiff-demo
+echo "[demo] starting a container in a microVM (the first time about a minute on a host without hardware virtualization, a few seconds once its template exists)" >&2
+# Templates outlive the demo's state directory: a second demo restores
+# the VM the first one booted.
+"$repo_root/target/release/skiff" --root "$bundle/state" run --bundle "$bundle" \
+    --template-dir "${SKIFF_TEMPLATE_DIR:-/run/skiff/@templates}" "$@" skiff-demo

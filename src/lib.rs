@@ -6,3 +6,7 @@ pub mod cli;
 pub mod logging;
 pub mod runtime;
 pub mod vmm;
+
+/// This build: the version and a hash of the sources it was built from.
+/// Snapshots and templates carry it and are only restored by the same.
+pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "+", env!("SKIFF_SOURCE_ID"));

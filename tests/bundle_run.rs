@@ -2,8 +2,10 @@
 //! rootfs from rootfs/build-busybox-rootfs.sh.
 //!
 //! Real boots take most of a minute on a host without hardware
-//! virtualization, so the assertions are grouped into two boots; the bad
-//! bundles are all refused before any VM is made.
+//! virtualization, so the assertions are grouped into two runs, each made
+//! once in a VM restored from a template and once in one booted cold: a
+//! container must not be able to tell. The bad bundles are all refused
+//! before any VM is made.
 
 mod common;
 
@@ -25,12 +27,21 @@ const BIG: usize = 10 << 20;
 /// rootfs, and private state and image-cache directories.
 struct Fixture {
     dir: tempfile::TempDir,
+    boot: Boot,
+}
+
+/// How the VM comes to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Boot {
+    Template,
+    Cold,
 }
 
 impl Fixture {
-    fn new(process: Value) -> Fixture {
+    fn new(process: Value, boot: Boot) -> Fixture {
         let f = Fixture {
             dir: tempfile::tempdir().unwrap(),
+            boot,
         };
         // Its own copy: the container's writes land in its rootfs.
         let rootfs = f.path("rootfs");
@@ -77,6 +88,10 @@ impl Fixture {
             .arg(self.path("skiff.log"))
             .arg("--bundle")
             .arg(self.path("bundle"));
+        match self.boot {
+            Boot::Template => c.arg("--template-dir").arg(common::template_dir()),
+            Boot::Cold => c.arg("--cold-boot"),
+        };
         c
     }
 
@@ -241,23 +256,27 @@ fn big_data() -> Vec<u8> {
 /// running does not keep the VM alive.
 #[test]
 fn process_output_status_identity_and_orphans() {
-    // The 10 MiB come from a file in the image: generating them in the guest
-    // would cost minutes of emulated kernel work on a software-KVM host.
-    let script = "echo out; echo err >&2; \
-         echo \"id=$(id -u):$(id -g):$(id -G)\" >&2; echo \"cwd=$(pwd)\" >&2; \
-         echo \"host=$(hostname)\" >&2; echo \"foo=$FOO\" >&2; \
-         cat /data/big; \
-         sleep 1000 & exit 3";
-    let mut p = process(&["sh", "-c", script]);
-    p["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [2000]});
-    p["cwd"] = json!("/home/user");
-    p["env"] = json!(["PATH=/bin", "FOO=bar baz"]);
-    let f = Fixture::new(p);
-    let rootfs = f.path("rootfs");
-    std::fs::create_dir(rootfs.join("data")).unwrap();
-    let data = big_data();
-    std::fs::write(rootfs.join("data/big"), &data).unwrap();
-    retry_on_host_defect(&f, |f| identity_and_big_output(f, &data));
+    for boot in [Boot::Template, Boot::Cold] {
+        eprintln!("{boot:?}:");
+        // The 10 MiB come from a file in the image: generating them in the
+        // guest would cost minutes of emulated kernel work on a
+        // software-KVM host.
+        let script = "echo out; echo err >&2; \
+             echo \"id=$(id -u):$(id -g):$(id -G)\" >&2; echo \"cwd=$(pwd)\" >&2; \
+             echo \"host=$(hostname)\" >&2; echo \"foo=$FOO\" >&2; \
+             cat /data/big; \
+             sleep 1000 & exit 3";
+        let mut p = process(&["sh", "-c", script]);
+        p["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [2000]});
+        p["cwd"] = json!("/home/user");
+        p["env"] = json!(["PATH=/bin", "FOO=bar baz"]);
+        let f = Fixture::new(p, boot);
+        let rootfs = f.path("rootfs");
+        std::fs::create_dir(rootfs.join("data")).unwrap();
+        let data = big_data();
+        std::fs::write(rootfs.join("data/big"), &data).unwrap();
+        retry_on_host_defect(&f, |f| identity_and_big_output(f, &data));
+    }
 }
 
 fn identity_and_big_output(f: &Fixture, data: &[u8]) {
@@ -299,22 +318,29 @@ fn identity_and_big_output(f: &Fixture, data: &[u8]) {
     eprintln!("figures: whole run {:?}", started.elapsed());
 }
 
-/// One boot, with the root as a block image rather than shared: stdin
-/// reaches `cat` and its end ends `cat`; then SIGTERM sent to skiff reaches
-/// `sleep 1000` in the guest, which dies of it (143), leaving behind a
-/// zombie (`true`, whose parent `sleep` never reaps it) and an orphan,
-/// neither of which keeps the VM alive.
+/// stdin reaches `cat` and its end ends `cat`; then SIGTERM sent to
+/// skiff reaches `sleep 1000` in the guest, which dies of it (143),
+/// leaving behind a zombie (`true`, whose parent `sleep` never reaps it)
+/// and an orphan, neither of which keeps the VM alive. Once with the root
+/// as a block image (which boots cold), once shared from a template VM.
 #[test]
 fn stdin_round_trip_sigterm_and_a_zombie() {
-    let f = Fixture::new(process(&[
-        "sh",
-        "-c",
-        "true & sleep 1000 & cat; echo cat-done; exec sleep 1000",
-    ]));
-    let mut c: Value = serde_json::from_slice(&std::fs::read(f.path("bundle/config.json")).unwrap()).unwrap();
-    c["annotations"] = json!({"io.skiff.rootfs": "block"});
-    f.write_config(c);
-    retry_on_host_defect(&f, stdin_and_sigterm);
+    for (root, boot) in [("block", Boot::Cold), ("virtiofs", Boot::Template)] {
+        eprintln!("{root} root, {boot:?}:");
+        let f = Fixture::new(
+            process(&[
+                "sh",
+                "-c",
+                "true & sleep 1000 & cat; echo cat-done; exec sleep 1000",
+            ]),
+            boot,
+        );
+        let mut c: Value =
+            serde_json::from_slice(&std::fs::read(f.path("bundle/config.json")).unwrap()).unwrap();
+        c["annotations"] = json!({"io.skiff.rootfs": root});
+        f.write_config(c);
+        retry_on_host_defect(&f, stdin_and_sigterm);
+    }
 }
 
 fn stdin_and_sigterm(f: &Fixture) {
@@ -416,30 +442,30 @@ fn refused(f: &Fixture) -> (i32, String) {
 
 #[test]
 fn bad_bundles_are_refused_before_a_vm_starts() {
-    let f = Fixture::new(process(&["nonexistent-tool", "x"]));
+    let f = Fixture::new(process(&["nonexistent-tool", "x"]), Boot::Template);
     let (code, err) = refused(&f);
     assert_eq!(code, 127, "{err}");
     assert!(err.contains("`nonexistent-tool` not found"), "{err}");
 
-    let f = Fixture::new(process(&["/bin/nope"]));
+    let f = Fixture::new(process(&["/bin/nope"]), Boot::Template);
     let (code, err) = refused(&f);
     assert_eq!(code, 127, "{err}");
     assert!(err.contains("/bin/nope"), "{err}");
 
     let mut p = process(&["true"]);
     p["user"] = json!({"uid": 4242, "gid": 0});
-    let f = Fixture::new(p);
+    let f = Fixture::new(p, Boot::Template);
     let (code, err) = refused(&f);
     assert_eq!(code, 1);
     assert!(err.contains("process.user.uid") && err.contains("4242"), "{err}");
 
-    let f = Fixture::new(process(&["true"]));
+    let f = Fixture::new(process(&["true"]), Boot::Template);
     std::fs::remove_file(f.path("bundle/config.json")).unwrap();
     let (code, err) = refused(&f);
     assert_eq!(code, 1);
     assert!(err.contains("has no config.json"), "{err}");
 
-    let f = Fixture::new(process(&["true"]));
+    let f = Fixture::new(process(&["true"]), Boot::Template);
     let mut c = config(Path::new("/nonexistent"), process(&["true"]));
     c["process"]["user"]["uid"] = json!("root");
     f.write_config(c);
@@ -447,7 +473,7 @@ fn bad_bundles_are_refused_before_a_vm_starts() {
     assert_eq!(code, 1);
     assert!(err.contains("process.user.uid"), "{err}");
 
-    let f = Fixture::new(process(&["true"]));
+    let f = Fixture::new(process(&["true"]), Boot::Template);
     std::fs::write(f.path("file"), b"x").unwrap();
     f.write_config(config(&f.path("file"), process(&["true"])));
     let (code, err) = refused(&f);
@@ -457,8 +483,16 @@ fn bad_bundles_are_refused_before_a_vm_starts() {
         "{err}"
     );
 
-    let f = Fixture::new(process(&[]));
+    let f = Fixture::new(process(&[]), Boot::Template);
     let (code, err) = refused(&f);
     assert_eq!(code, 1);
     assert!(err.contains("process.args"), "{err}");
+
+    let f = Fixture::new(process(&["true"]), Boot::Template);
+    let mut c: Value = serde_json::from_slice(&std::fs::read(f.path("bundle/config.json")).unwrap()).unwrap();
+    c["annotations"] = json!({"io.skiff.boot": "lukewarm"});
+    f.write_config(c);
+    let (code, err) = refused(&f);
+    assert_eq!(code, 1);
+    assert!(err.contains("io.skiff.boot") && err.contains("lukewarm"), "{err}");
 }

@@ -55,6 +55,7 @@ fn skiff() -> Runtime {
             artifact("SKIFF_AGENT_INITRD", "rootfs/build-agent-initramfs.sh"),
         )
         .with_env("SKIFF_IMAGE_CACHE", images)
+        .with_env("SKIFF_TEMPLATE_DIR", common::template_dir())
         .with_env("SKIFF_GUEST_CONSOLE_DIR", consoles)
         // A boot takes most of a minute on a host without hardware
         // virtualization; this only turns a hang into a failure.

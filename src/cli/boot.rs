@@ -8,6 +8,7 @@ use anyhow::bail;
 use clap::{Args, ValueEnum};
 
 use super::signals::{ForwardSignals, StopOnSignal};
+use super::vm_args::TemplateDirArg;
 use crate::runtime::foreground::{self, RunOptions};
 use crate::runtime::image::ImageFormat;
 use crate::runtime::sandbox::{Cancel, VmResources};
@@ -62,6 +63,12 @@ pub struct BootArgs {
     /// KVM device node.
     #[arg(long, default_value = vmm::config::DEFAULT_KVM_DEVICE, value_name = "PATH", hide = true)]
     pub kvm_device: PathBuf,
+    /// With --bundle: boot the microVM from its kernel instead of
+    /// restoring it from a template.
+    #[arg(long, env = "SKIFF_COLD_BOOT", requires = "bundle")]
+    pub cold_boot: bool,
+    #[command(flatten)]
+    pub templates: TemplateDirArg,
 }
 
 pub fn run(args: BootArgs, state_dir: PathBuf, debug: bool) -> anyhow::Result<i32> {
@@ -128,9 +135,10 @@ fn run_bundle(args: BootArgs, bundle: PathBuf, state_dir: PathBuf, debug: bool) 
         },
         image_format: args.image_format,
         image_cache: args.image_cache,
-        state_dir,
         console: args.console,
         debug_guest: debug,
+        templates: (!args.cold_boot).then(|| args.templates.store(&state_dir)),
+        state_dir,
     };
     match foreground::run(options, &cancel, &mut signals) {
         Ok(code) => Ok(code),

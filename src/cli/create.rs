@@ -16,7 +16,7 @@ use crate::runtime::monitor::ReadyReport;
 use crate::runtime::sizing::{self, VmSize};
 use crate::runtime::state::{self, Container, Record, Status};
 use crate::runtime::RuntimeError;
-use crate::runtime::{host_mounts, root};
+use crate::runtime::{host_mounts, root, template};
 
 /// The monitor's log when the caller asked for none: not the container's
 /// stderr, which the monitor's own stderr is.
@@ -89,6 +89,7 @@ pub fn create(
     // id is claimed; the monitor does the work.
     host_mounts::for_guest(bundle.spec.mounts().as_deref().unwrap_or(&[]))?;
     root::mode(&bundle.spec)?;
+    template::boot_mode(&bundle.spec)?;
     options.vm.check()?;
 
     let store = globals.store();
@@ -153,7 +154,7 @@ fn start_monitor(
     if let Some(socket) = &options.console_socket {
         args.extend(["--console-socket".into(), absolute(socket).into()]);
     }
-    args.extend(options.vm.to_args());
+    args.extend(options.vm.to_args(&globals.root));
 
     let mut monitor = detach::spawn(args, quiet)?;
     match monitor.wait_ready::<ReadyReport>() {

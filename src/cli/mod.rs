@@ -11,6 +11,7 @@ mod monitor;
 mod ps;
 mod run;
 mod signals;
+mod template;
 mod vm_args;
 
 use std::ffi::OsString;
@@ -91,6 +92,8 @@ pub enum Command {
     /// Boot a kernel in a microVM with its console on standard output, or run
     /// an OCI bundle in one in the foreground (debugging aids).
     Boot(boot::BootArgs),
+    /// List, prebuild or remove the template VMs containers are restored from.
+    Template(template::TemplateArgs),
     /// The process that owns a container's microVM (started by `create`).
     #[command(hide = true)]
     Monitor(monitor::MonitorArgs),
@@ -156,6 +159,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Features => info::features(),
         Command::Spec(args) => info::spec(args),
         Command::Boot(args) => boot::run(args, globals.root, globals.debug),
+        Command::Template(args) => template::run(&globals, args),
         Command::Monitor(args) => monitor::run(&globals, args),
     }
 }

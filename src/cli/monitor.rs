@@ -13,6 +13,7 @@ use super::Globals;
 use crate::runtime::image::ImageFormat;
 use crate::runtime::monitor::{self, MonitorOptions};
 use crate::runtime::sandbox::{Cancel, VmResources};
+use crate::runtime::template::TemplateStore;
 use crate::vmm::MemorySize;
 
 #[derive(Debug, Args)]
@@ -43,6 +44,9 @@ pub struct MonitorArgs {
     pub kvm_device: PathBuf,
     #[arg(long)]
     pub guest_console_dir: Option<PathBuf>,
+    /// Restore from the templates here; without it, boot cold.
+    #[arg(long)]
+    pub template_dir: Option<PathBuf>,
 }
 
 pub fn run(globals: &Globals, args: MonitorArgs) -> anyhow::Result<i32> {
@@ -77,6 +81,7 @@ pub fn run(globals: &Globals, args: MonitorArgs) -> anyhow::Result<i32> {
         console_socket: args.console_socket,
         guest_console,
         debug_guest: globals.debug,
+        templates: args.template_dir.map(TemplateStore::new),
     };
     Ok(monitor::run(options, ready, &cancel, &mut signals))
 }

@@ -10,12 +10,16 @@ use clap::Args;
 
 use super::boot::{ProfileChoice, DEFAULT_IMAGE_CACHE};
 use crate::runtime::image::ImageFormat;
+use crate::runtime::template::TemplateStore;
 use crate::vmm;
 
 /// The installed guest kernel, relative to `<prefix>/share/skiff/`.
 pub const INSTALLED_KERNEL: &str = "vmlinux";
 /// The installed agent initramfs, relative to `<prefix>/share/skiff/`.
 pub const INSTALLED_INITRD: &str = "agent-initrd.img";
+/// The template store's directory under `--root`; `@` is not allowed in
+/// container ids.
+pub const DEFAULT_TEMPLATE_DIR: &str = "@templates";
 
 #[derive(Debug, Args, Clone)]
 pub struct VmArgs {
@@ -40,6 +44,32 @@ pub struct VmArgs {
     /// KVM device node.
     #[arg(long, default_value = vmm::config::DEFAULT_KVM_DEVICE, value_name = "PATH", hide = true)]
     pub kvm_device: PathBuf,
+    /// Boot every microVM from its kernel instead of restoring it from a
+    /// template (as the annotation io.skiff.boot=cold does for one bundle).
+    #[arg(long, env = "SKIFF_COLD_BOOT")]
+    pub cold_boot: bool,
+    #[command(flatten)]
+    pub templates: TemplateDirArg,
+}
+
+/// Where templates are kept.
+#[derive(Debug, Args, Clone)]
+pub struct TemplateDirArg {
+    /// Directory of booted template VMs [default: <root>/@templates].
+    #[arg(long, value_name = "DIR", env = "SKIFF_TEMPLATE_DIR")]
+    pub template_dir: Option<PathBuf>,
+}
+
+impl TemplateDirArg {
+    /// The store, beside the containers under `root` unless given: a
+    /// name no container id can have.
+    pub fn store(&self, root: &Path) -> TemplateStore {
+        let dir = self
+            .template_dir
+            .clone()
+            .unwrap_or_else(|| root.join(DEFAULT_TEMPLATE_DIR));
+        TemplateStore::new(super::absolute(&dir))
+    }
 }
 
 impl VmArgs {
@@ -68,8 +98,13 @@ impl VmArgs {
         self.initrd.clone().unwrap_or_else(|| installed(INSTALLED_INITRD))
     }
 
-    /// The same choices as flags of the monitor.
-    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+    /// The template store to restore from; `None` boots cold.
+    pub fn template_store(&self, root: &Path) -> Option<TemplateStore> {
+        (!self.cold_boot).then(|| self.templates.store(root))
+    }
+
+    /// The same choices as flags of the monitor, whose `--root` is `root`.
+    pub fn to_args(&self, root: &Path) -> Vec<std::ffi::OsString> {
         let abs = |p: &Path| super::absolute(p).into_os_string();
         let mut args = vec![
             "--kernel".into(),
@@ -89,6 +124,10 @@ impl VmArgs {
         if let Some(dir) = &self.guest_console_dir {
             args.push("--guest-console-dir".into());
             args.push(abs(dir));
+        }
+        if let Some(store) = self.template_store(root) {
+            args.push("--template-dir".into());
+            args.push(store.dir().as_os_str().to_owned());
         }
         args
     }

@@ -12,7 +12,8 @@ use super::bundle::Bundle;
 use super::error::RuntimeError;
 use super::image::ImageFormat;
 use super::relay::{self, OutputMeter};
-use super::sandbox::{describe_end, Cancel, ControlSender, Event, Sandbox, SandboxConfig, VmResources};
+use super::sandbox::{describe_end, Cancel, ControlSender, Event, SandboxConfig, VmResources};
+use super::template::{self, BootMode, TemplateStore};
 use super::{host_mounts, root};
 use crate::vmm::ConsoleOutput;
 
@@ -28,6 +29,8 @@ pub struct RunOptions {
     /// Where the guest console goes; discarded when `None`.
     pub console: Option<PathBuf>,
     pub debug_guest: bool,
+    /// Where the VM's template is; `None` boots it cold.
+    pub templates: Option<TemplateStore>,
 }
 
 /// Signals the caller forwards to the container.
@@ -51,7 +54,11 @@ pub fn run(
     let work_dir = options
         .state_dir
         .join(format!("run-{}-{}", std::process::id(), t0.elapsed().as_nanos()));
-    let mut sandbox = Sandbox::boot(
+    let templates = match template::boot_mode(&bundle.spec)? {
+        BootMode::Template => options.templates.as_ref(),
+        BootMode::Cold => None,
+    };
+    let mut sandbox = template::start(
         SandboxConfig {
             vm: options.vm,
             root: root.guest,
@@ -60,6 +67,7 @@ pub fn run(
             console: options.console.map_or(ConsoleOutput::Null, ConsoleOutput::File),
             debug_guest: options.debug_guest,
         },
+        templates,
         cancel,
     )?;
     let t_ready = Instant::now();

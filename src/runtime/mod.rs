@@ -17,6 +17,7 @@ pub mod root;
 pub mod sandbox;
 pub mod sizing;
 pub mod state;
+pub mod template;
 pub mod terminal;
 
 pub use error::RuntimeError;

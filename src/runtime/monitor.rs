@@ -33,9 +33,11 @@ use super::image::ImageFormat;
 use super::relay;
 use super::root;
 use super::sandbox::{
-    describe_end, message_id, Cancel, ControlSender, Event, Sandbox, SandboxConfig, StreamOpener, VmResources,
+    describe_end, garbled_start, message_id, Cancel, ControlSender, Event, Sandbox, SandboxConfig,
+    StreamOpener, VmResources, START_RETRIES, START_RETRY_DELAY,
 };
 use super::state::{self, Container, Status};
+use super::template::{self, BootMode, TemplateStore};
 use super::terminal::{self, Pty};
 use crate::vmm::{ConsoleOutput, PauseHandle};
 
@@ -46,10 +48,6 @@ const VM_LOST_STATUS: i32 = 255;
 /// far beyond what it takes (seconds, even on software-KVM hosts), so only
 /// an agent that lost the request runs into it.
 const AGENT_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
-/// How often, and how far apart, a Start the agent refused without naming
-/// the process is sent again.
-const START_RETRIES: u32 = 20;
-const START_RETRY_DELAY: Duration = Duration::from_millis(250);
 /// How long the end of the container waits for exec'd processes' callers
 /// to be told their status.
 const EXEC_ANSWER_GRACE: Duration = Duration::from_secs(2);
@@ -70,6 +68,8 @@ pub struct MonitorOptions {
     /// Where the guest's console goes; discarded when `None`.
     pub guest_console: Option<PathBuf>,
     pub debug_guest: bool,
+    /// Where the VM's template is; `None` boots it cold.
+    pub templates: Option<TemplateStore>,
 }
 
 /// What the monitor tells `create` on its ready pipe.
@@ -166,7 +166,11 @@ fn prepare(options: MonitorOptions, cancel: &Cancel) -> Result<Monitor, RuntimeE
     let bundle = Bundle::load(&options.bundle)?;
     let guest_mounts = host_mounts::for_guest(bundle.spec.mounts().as_deref().unwrap_or(&[]))?;
     let root = root::prepare(&bundle, &options.image_cache, options.image_format)?;
-    let mut sandbox = Sandbox::boot(
+    let templates = match template::boot_mode(&bundle.spec)? {
+        BootMode::Template => options.templates.as_ref(),
+        BootMode::Cold => None,
+    };
+    let mut sandbox = template::start(
         SandboxConfig {
             vm: options.vm,
             root: root.guest,
@@ -177,6 +181,7 @@ fn prepare(options: MonitorOptions, cancel: &Cancel) -> Result<Monitor, RuntimeE
                 .map_or(ConsoleOutput::Null, ConsoleOutput::File),
             debug_guest: options.debug_guest,
         },
+        templates,
         cancel,
     )?;
     let t_ready = Instant::now();
@@ -464,11 +469,8 @@ impl Shared {
             let reply = sent.and_then(|()| await_reply(&replies));
             self.unroute(INIT_ID);
             match reply {
-                // A Start right after create is sometimes refused this way
-                // while the process is in fact there and waiting: the agent
-                // read a garbled id (the host defect in guest memory); a
-                // later one is taken.
-                Ok(AgentMessage::Failed { id, error, .. }) if id != INIT_ID && retries < START_RETRIES => {
+                Ok(msg) if retries < START_RETRIES && garbled_start(&msg, INIT_ID).is_some() => {
+                    let error = garbled_start(&msg, INIT_ID).unwrap_or_default();
                     retries += 1;
                     tracing::warn!(
                         retries,

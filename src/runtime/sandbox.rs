@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use skiff_protocol::{
     read_frame, write_frame, AgentMessage, ContainerSpec, HostMessage, Process, StreamHello, StreamKind,
-    Timings, CONTROL_PORT, PROVISION_ENTROPY_BYTES, PROVISION_ID, ROOT_TAG, STREAM_PORT, VERSION,
+    Timings, ALREADY_CREATED, CONTROL_PORT, PROVISION_ENTROPY_BYTES, PROVISION_ID, ROOT_TAG, STREAM_PORT,
+    VERSION,
 };
 
 use super::error::RuntimeError;
@@ -25,6 +26,10 @@ use crate::vmm::{
 /// The guest's vsock CID. Every VM has its own device and host socket, so
 /// all of them can use the first unreserved one.
 const GUEST_CID: u32 = 3;
+/// How often, and how far apart, a `Start` the agent refused without
+/// naming the process is sent again.
+pub const START_RETRIES: u32 = 20;
+pub const START_RETRY_DELAY: Duration = Duration::from_millis(250);
 /// How long the agent may take to power the VM off after `Shutdown`.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -52,6 +57,73 @@ pub struct SandboxConfig {
     pub console: ConsoleOutput,
     /// The agent logs every step on the console.
     pub debug_guest: bool,
+}
+
+impl SandboxConfig {
+    /// The VM's configuration, its vsock device on `uds_path`.
+    pub fn into_vm_config(self, uds_path: &Path) -> VmConfig {
+        let cmdline = guest_cmdline(self.debug_guest);
+        let vm = self.vm;
+        let mut vm_config = VmConfig::new(BootSource::Linux {
+            kernel: vm.kernel,
+            initrd: Some(vm.initrd),
+            cmdline,
+        });
+        vm_config.vcpus = vm.vcpus;
+        vm_config.memory = vm.memory;
+        vm_config.cpu_profile = vm.cpu_profile;
+        vm_config.kvm_device = vm.kvm_device;
+        vm_config.console = self.console;
+        match self.root {
+            GuestRoot::Image(path) => vm_config.block_devices.push(BlockConfig {
+                path,
+                // One cached image serves every container made from the same
+                // rootfs; the guest writes to an overlay instead.
+                read_only: true,
+                id: "skiff-root".into(),
+            }),
+            // The container's writes land in the directory; its mounts'
+            // mount points are made there too, so it is writable even for
+            // a read-only root, which the guest seals after the mounts.
+            GuestRoot::Shared(dir) => vm_config.shared_dirs.push(FsConfig {
+                tag: ROOT_TAG.into(),
+                shared_dir: dir,
+                flags: ShareFlags {
+                    read_only: false,
+                    recursive: true,
+                },
+            }),
+        }
+        vm_config.shared_dirs.extend(self.shares);
+        vm_config.vsock = Some(VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: uds_path.to_owned(),
+        });
+        vm_config
+    }
+
+    /// The same configuration again, unless its console is a writer.
+    pub fn try_clone(&self) -> Option<SandboxConfig> {
+        Some(SandboxConfig {
+            vm: self.vm.clone(),
+            root: self.root.clone(),
+            shares: self.shares.clone(),
+            work_dir: self.work_dir.clone(),
+            console: self.console.try_clone()?,
+            debug_guest: self.debug_guest,
+        })
+    }
+}
+
+/// The guest kernel's command line before the VMM adds the CPU profile's
+/// and the devices' arguments.
+pub fn guest_cmdline(debug_guest: bool) -> String {
+    let mut cmdline = vmm::DEFAULT_CMDLINE.to_owned();
+    if debug_guest {
+        cmdline.push(' ');
+        cmdline.push_str(skiff_protocol::DEBUG_FLAG);
+    }
+    cmdline
 }
 
 /// Something the sandbox has to report.
@@ -130,47 +202,7 @@ impl Sandbox {
             .set_nonblocking(true)
             .map_err(|e| RuntimeError::io("control socket", e))?;
 
-        let mut cmdline = vmm::DEFAULT_CMDLINE.to_owned();
-        if config.debug_guest {
-            cmdline.push(' ');
-            cmdline.push_str(skiff_protocol::DEBUG_FLAG);
-        }
-        let vm = config.vm;
-        let mut vm_config = VmConfig::new(BootSource::Linux {
-            kernel: vm.kernel,
-            initrd: Some(vm.initrd),
-            cmdline,
-        });
-        vm_config.vcpus = vm.vcpus;
-        vm_config.memory = vm.memory;
-        vm_config.cpu_profile = vm.cpu_profile;
-        vm_config.kvm_device = vm.kvm_device;
-        vm_config.console = config.console;
-        match config.root {
-            GuestRoot::Image(path) => vm_config.block_devices.push(BlockConfig {
-                path,
-                // One cached image serves every container made from the same
-                // rootfs; the guest writes to an overlay instead.
-                read_only: true,
-                id: "skiff-root".into(),
-            }),
-            // The container's writes land in the directory; its mounts'
-            // mount points are made there too, so it is writable even for
-            // a read-only root, which the guest seals after the mounts.
-            GuestRoot::Shared(dir) => vm_config.shared_dirs.push(FsConfig {
-                tag: ROOT_TAG.into(),
-                shared_dir: dir,
-                flags: ShareFlags {
-                    read_only: false,
-                    recursive: true,
-                },
-            }),
-        }
-        vm_config.shared_dirs.extend(config.shares);
-        vm_config.vsock = Some(VsockConfig {
-            guest_cid: GUEST_CID,
-            uds_path: uds_path.clone(),
-        });
+        let vm_config = config.into_vm_config(&uds_path);
 
         // Before the VM exists: from its start on, nothing may fail
         // between starting it and owning it in a `Sandbox` that stops it.
@@ -335,13 +367,18 @@ impl Sandbox {
     /// goes away first. Other messages (exits of other processes, say) are
     /// kept for `next_event`.
     pub fn expect(&mut self, id: &str) -> Result<AgentMessage, RuntimeError> {
+        self.answer(id)?.map_err(RuntimeError::Agent)
+    }
+
+    /// As `expect`, with the agent's refusal of a request it could not
+    /// read (a `Failed` without an id) as the inner error.
+    fn answer(&mut self, id: &str) -> Result<Result<AgentMessage, String>, RuntimeError> {
         let mut other = Vec::new();
         let result = loop {
             match self.next_event(None) {
-                Some(Event::Agent(msg)) if message_id(&msg) == Some(id) => break Ok(msg),
-                // The agent could not even read the request.
+                Some(Event::Agent(msg)) if message_id(&msg) == Some(id) => break Ok(Ok(msg)),
                 Some(Event::Agent(AgentMessage::Failed { id, error, .. })) if id.is_empty() => {
-                    break Err(RuntimeError::Agent(error))
+                    break Ok(Err(error))
                 }
                 Some(Event::Agent(msg)) => other.push(Event::Agent(msg)),
                 Some(Event::AgentGone(why)) => break Err(RuntimeError::Agent(why)),
@@ -395,8 +432,27 @@ impl Sandbox {
 
     /// Lets process `id` run.
     pub fn start(&mut self, id: &str) -> Result<(), RuntimeError> {
-        self.send(&HostMessage::Start { id: id.into() })?;
-        match self.expect(id)? {
+        let mut retries = 0;
+        let reply = loop {
+            self.send(&HostMessage::Start { id: id.into() })?;
+            let reply = match self.answer(id)? {
+                Ok(msg) => garbled_start(&msg, id).map_or(Ok(msg), Err),
+                Err(error) => Err(error),
+            };
+            match reply {
+                Ok(msg) => break msg,
+                Err(error) if retries < START_RETRIES => {
+                    retries += 1;
+                    tracing::warn!(
+                        retries,
+                        "the guest agent refused Start ({error}); sending it again"
+                    );
+                    std::thread::sleep(START_RETRY_DELAY);
+                }
+                Err(error) => return Err(RuntimeError::Agent(error)),
+            }
+        };
+        match reply {
             AgentMessage::Started { .. } => Ok(()),
             AgentMessage::Failed { error, exit_code, .. } => Err(RuntimeError::Exec {
                 message: error,
@@ -593,6 +649,21 @@ pub fn connect_guest_port(uds: &Path, port: u32) -> Result<UnixStream, RuntimeEr
         )));
     }
     Ok(s)
+}
+
+/// Whether `reply` to the `Start` of `started` says the agent read
+/// something else:
+/// right after `create` an agent sometimes reads a garbled request, or the
+/// `CreateContainer` before it again, while the process is in fact there
+/// and waiting (a defect of software-KVM hosts in the guest's memory); a
+/// later `Start` is taken. Returns the refusal.
+pub fn garbled_start(reply: &AgentMessage, started: &str) -> Option<String> {
+    match reply {
+        AgentMessage::Failed { id, error, .. } if id != started || error == ALREADY_CREATED => {
+            Some(error.clone())
+        }
+        _ => None,
+    }
 }
 
 /// Fills `buf` from the kernel's generator.

@@ -29,6 +29,18 @@ pub enum ConsoleOutput {
     Writer(Box<dyn Write + Send>),
 }
 
+impl ConsoleOutput {
+    /// The same destination again; a writer cannot be had twice.
+    pub fn try_clone(&self) -> Option<ConsoleOutput> {
+        match self {
+            ConsoleOutput::Null => Some(ConsoleOutput::Null),
+            ConsoleOutput::Stdout => Some(ConsoleOutput::Stdout),
+            ConsoleOutput::File(p) => Some(ConsoleOutput::File(p.clone())),
+            ConsoleOutput::Writer(_) => None,
+        }
+    }
+}
+
 impl fmt::Debug for ConsoleOutput {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

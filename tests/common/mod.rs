@@ -101,6 +101,16 @@ pub fn code_vm(code: Vec<u8>, console: &Console) -> VmConfig {
     config
 }
 
+/// Where the tests' skiffs keep their templates: SKIFF_TEMPLATE_DIR when
+/// set, otherwise one directory for every test of every run (templates are
+/// keyed by everything they are made of, this build included), so the
+/// suite boots the kernel once per VM size instead of once per container.
+pub fn template_dir() -> std::path::PathBuf {
+    std::env::var_os("SKIFF_TEMPLATE_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("templates"))
+}
+
 /// A built artifact: the path in `env` when set (scripts/setup.sh prints
 /// them), otherwise what `script` prints, which returns its cached result at
 /// once once built.

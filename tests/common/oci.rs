@@ -68,6 +68,7 @@ impl Oci {
         cmd.env("SKIFF_KERNEL", &self.kernel)
             .env("SKIFF_AGENT_INITRD", &self.initrd)
             .env("SKIFF_IMAGE_CACHE", self.image_cache())
+            .env("SKIFF_TEMPLATE_DIR", super::template_dir())
             .env("SKIFF_GUEST_CONSOLE_DIR", self.path("consoles"));
     }
 

@@ -114,7 +114,7 @@ pub fn write(dir: &Path, state: &VmState, save_memory: impl FnOnce(&Path) -> Res
         let memory_sha256 = save_memory(&dir.join(MEMORY))?;
         let manifest = Manifest {
             format: FORMAT,
-            skiff_version: env!("CARGO_PKG_VERSION").to_owned(),
+            skiff_version: crate::BUILD.to_owned(),
             state_sha256: sha256_hex(&json),
             memory_bytes: state.memory_bytes,
             memory_sha256,
@@ -149,14 +149,14 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     };
     let manifest: Manifest = serde_json::from_slice(&read(MANIFEST)?)
         .map_err(|e| snapshot_err(dir, format!("{MANIFEST} is damaged: {e}")))?;
-    if manifest.format != FORMAT || manifest.skiff_version != env!("CARGO_PKG_VERSION") {
+    if manifest.format != FORMAT || manifest.skiff_version != crate::BUILD {
         return Err(snapshot_err(
             dir,
             format!(
                 "written by skiff {} in format {}; this is skiff {} with format {FORMAT}",
                 manifest.skiff_version,
                 manifest.format,
-                env!("CARGO_PKG_VERSION")
+                crate::BUILD
             ),
         ));
     }
