@@ -1,11 +1,14 @@
-//! Gives the crate `SKIFF_SOURCE_ID`: a hash of the host-side sources and
-//! the lock file. Snapshots and templates record it, so a VM saved by one
-//! build is never restored by another whose device models may differ,
-//! even when both call themselves the same version.
+//! Gives the crate `SKIFF_SOURCE_ID`: a hash of the host-side sources (the
+//! protocol crate's included), the manifest and the lock file. Snapshots
+//! and templates record it, so a VM saved by one build is never restored
+//! by another whose device models may differ, even when both call
+//! themselves the same version.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::Hasher;
 use std::path::{Path, PathBuf};
+
+const SOURCES: [&str; 2] = ["src", "guest/protocol/src"];
 
 fn files(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -23,8 +26,10 @@ fn files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 fn main() {
     let mut paths = Vec::new();
-    files(Path::new("src"), &mut paths);
-    paths.push(PathBuf::from("Cargo.lock"));
+    for dir in SOURCES {
+        files(Path::new(dir), &mut paths);
+    }
+    paths.extend(["Cargo.toml", "Cargo.lock"].map(PathBuf::from));
     paths.sort();
     let mut hash = DefaultHasher::new();
     for path in &paths {
@@ -37,6 +42,7 @@ fn main() {
         hash.write(&contents);
     }
     println!("cargo:rustc-env=SKIFF_SOURCE_ID={:016x}", hash.finish());
-    println!("cargo:rerun-if-changed=src");
-    println!("cargo:rerun-if-changed=Cargo.lock");
+    for path in SOURCES.iter().chain(&["Cargo.toml", "Cargo.lock"]) {
+        println!("cargo:rerun-if-changed={path}");
+    }
 }

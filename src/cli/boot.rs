@@ -65,7 +65,7 @@ pub struct BootArgs {
     pub kvm_device: PathBuf,
     /// With --bundle: boot the microVM from its kernel instead of
     /// restoring it from a template.
-    #[arg(long, env = "SKIFF_COLD_BOOT", requires = "bundle")]
+    #[arg(long, env = "SKIFF_COLD_BOOT", value_parser = clap::builder::BoolishValueParser::new())]
     pub cold_boot: bool,
     #[command(flatten)]
     pub templates: TemplateDirArg,

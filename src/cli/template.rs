@@ -66,11 +66,10 @@ pub fn run(globals: &Globals, args: TemplateArgs) -> anyhow::Result<i32> {
         TemplateCommand::Prebuild(args) => prebuild(globals, args),
         TemplateCommand::Remove { keys, all, dir } => {
             let store = dir.store(&globals.root);
-            let keys = if all {
-                store.list()?.into_iter().map(|t| t.info.key).collect()
-            } else {
-                keys
-            };
+            if all {
+                store.remove_all()?;
+                return Ok(0);
+            }
             let mut missing = Vec::new();
             for key in keys {
                 if !store.remove(&key)? {

@@ -46,7 +46,7 @@ pub struct VmArgs {
     pub kvm_device: PathBuf,
     /// Boot every microVM from its kernel instead of restoring it from a
     /// template (as the annotation io.skiff.boot=cold does for one bundle).
-    #[arg(long, env = "SKIFF_COLD_BOOT")]
+    #[arg(long, env = "SKIFF_COLD_BOOT", value_parser = clap::builder::BoolishValueParser::new())]
     pub cold_boot: bool,
     #[command(flatten)]
     pub templates: TemplateDirArg,

@@ -462,25 +462,9 @@ impl Shared {
             }
         }
         self.hook(HookKind::StartContainer, &record.oci_state(Status::Created))?;
-        let mut retries = 0;
-        let reply = loop {
-            let replies = self.route(INIT_ID);
-            let sent = self.send(&HostMessage::Start { id: INIT_ID.into() });
-            let reply = sent.and_then(|()| await_reply(&replies));
-            self.unroute(INIT_ID);
-            match reply {
-                Ok(msg) if retries < START_RETRIES && garbled_start(&msg, INIT_ID).is_some() => {
-                    let error = garbled_start(&msg, INIT_ID).unwrap_or_default();
-                    retries += 1;
-                    tracing::warn!(
-                        retries,
-                        "the guest agent refused Start ({error}); sending it again"
-                    );
-                    std::thread::sleep(START_RETRY_DELAY);
-                }
-                other => break other,
-            }
-        };
+        let replies = self.route(INIT_ID);
+        let reply = self.send_start(INIT_ID, &replies);
+        self.unroute(INIT_ID);
         match reply? {
             AgentMessage::Started { .. } => {}
             AgentMessage::Failed { error, exit_code, .. } => {
@@ -623,6 +607,29 @@ impl Shared {
         let _ = write_frame(&mut conn, &Response::Exited { status });
     }
 
+    /// Sends `Start` for `id` and waits for the answer on `replies`,
+    /// sending it again while the agent's refusal shows it read something
+    /// else (see `garbled_start`).
+    fn send_start(&self, id: &str, replies: &Receiver<AgentMessage>) -> Result<AgentMessage, RuntimeError> {
+        let mut retries = 0;
+        loop {
+            self.send(&HostMessage::Start { id: id.into() })?;
+            let reply = await_reply(replies)?;
+            match garbled_start(&reply, id) {
+                Some(error) if retries < START_RETRIES => {
+                    retries += 1;
+                    tracing::warn!(
+                        retries,
+                        id,
+                        "the guest agent refused Start ({error}); sending it again"
+                    );
+                    std::thread::sleep(START_RETRY_DELAY);
+                }
+                _ => return Ok(reply),
+            }
+        }
+    }
+
     fn exec_start(
         self: &Arc<Self>,
         id: &str,
@@ -661,8 +668,7 @@ impl Shared {
                 return Err(e);
             }
         };
-        self.send(&HostMessage::Start { id: id.into() })?;
-        match await_reply(replies)? {
+        match self.send_start(id, replies)? {
             AgentMessage::Started { .. } => Ok(outputs),
             AgentMessage::Failed { error, exit_code, .. } => Err(RuntimeError::Exec {
                 message: error,

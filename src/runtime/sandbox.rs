@@ -164,7 +164,7 @@ impl Cancel {
     pub fn cancel(&self) {
         self.0.store(true, std::sync::atomic::Ordering::SeqCst);
     }
-    fn is_cancelled(&self) -> bool {
+    pub fn is_cancelled(&self) -> bool {
         self.0.load(std::sync::atomic::Ordering::SeqCst)
     }
 }

@@ -79,34 +79,40 @@ pub fn resident_bytes(mem: &GuestMemoryHost) -> u64 {
     total
 }
 
-/// Which pages of `len` bytes at `host` (page-aligned, in this process)
-/// the guest or host ever touched: those present in RAM or in swap, from
-/// /proc/self/pagemap. The others have never been written and read as
-/// zeros, so a snapshot skips them instead of reading (and mapping) the
-/// whole of a mostly idle guest's RAM.
-pub fn touched_pages(host: *const u8, len: usize) -> std::io::Result<Vec<bool>> {
+/// Calls `visit` with the index of every page of `len` bytes at `host`
+/// (page-aligned, in this process) that the guest or host ever touched:
+/// those present in RAM or in swap, from /proc/self/pagemap, read a chunk
+/// at a time. The others have never been written and read as zeros, so a
+/// snapshot skips them instead of reading (and mapping) the whole of a
+/// mostly idle guest's RAM.
+pub fn touched_pages<E>(
+    host: *const u8,
+    len: usize,
+    mut visit: impl FnMut(usize) -> std::result::Result<(), E>,
+) -> std::io::Result<std::result::Result<(), E>> {
     use std::os::unix::fs::FileExt;
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
+    const CHUNK_PAGES: usize = 1 << 16;
     let page = layout::PAGE_SIZE as usize;
     let pagemap = std::fs::File::open("/proc/self/pagemap")?;
     let pages = len.div_ceil(page);
-    let mut entries = vec![0u8; pages * 8];
     let first = (host as usize / page) as u64 * 8;
-    let mut got = 0;
-    while got < entries.len() {
-        match pagemap.read_at(&mut entries[got..], first + got as u64)? {
-            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            n => got += n,
+    let mut entries = vec![0u8; CHUNK_PAGES.min(pages) * 8];
+    for chunk_start in (0..pages).step_by(CHUNK_PAGES) {
+        let n = CHUNK_PAGES.min(pages - chunk_start);
+        let buf = &mut entries[..n * 8];
+        pagemap.read_exact_at(buf, first + chunk_start as u64 * 8)?;
+        for (i, e) in buf.chunks_exact(8).enumerate() {
+            let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
+            if e & (PRESENT | SWAPPED) != 0 {
+                if let Err(e) = visit(chunk_start + i) {
+                    return Ok(Err(e));
+                }
+            }
         }
     }
-    Ok(entries
-        .chunks_exact(8)
-        .map(|e| {
-            let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
-            e & (PRESENT | SWAPPED) != 0
-        })
-        .collect())
+    Ok(Ok(()))
 }
 
 /// Resident set size of this process, from /proc/self/statm.
@@ -142,9 +148,13 @@ mod tests {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .unwrap();
-        let touched = touched_pages(host, 4 << 20).unwrap();
-        assert_eq!(touched.len(), 1024);
-        let at: Vec<usize> = (0..touched.len()).filter(|&i| touched[i]).collect();
+        let mut at = Vec::new();
+        touched_pages(host, 4 << 20, |i| {
+            at.push(i);
+            Ok::<_, ()>(())
+        })
+        .unwrap()
+        .unwrap();
         assert_eq!(at, [1, 0x200]);
     }
 

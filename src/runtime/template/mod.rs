@@ -89,9 +89,13 @@ fn unfit(config: &SandboxConfig) -> Option<String> {
 
 /// Makes the VM for `config` and provisions it: restored from its
 /// template in `store` (built first if need be), or booted cold when no
-/// store is given or the VM does not fit a template. A template a restore
-/// refuses (damaged, or from another host) is thrown away and built anew,
-/// once.
+/// store is given or the VM does not fit a template.
+///
+/// A restore that fails does not fail the container. A template the
+/// restore refuses (damaged, cut short, from another build or host) is
+/// thrown away and built again, once, and a second failure boots cold.
+/// Any other failure boots cold at once; if that works, the template was
+/// at fault and is thrown away, to be built again by the next container.
 pub fn start(
     config: SandboxConfig,
     store: Option<&TemplateStore>,
@@ -112,17 +116,42 @@ pub fn start(
     };
     let template = store.ensure(&inputs, &config.vm, config.debug_guest, cancel)?;
     let again = config.try_clone();
-    match restore(config, &template, cancel) {
-        Err(RuntimeError::Vmm(vmm::Error::Snapshot(why))) if again.is_some() => {
-            tracing::warn!(template = %template.info.key, "the template was refused ({why}); building it again");
-            store.discard(&template)?;
-            let config = again.expect("checked above");
-            // Once: a template just built that is refused again is a fault
-            // to report, not to loop on.
-            let template = store.ensure(&inputs, &config.vm, config.debug_guest, cancel)?;
-            restore(config, &template, cancel)
+    let failed = match restore(config, &template, cancel) {
+        Ok(sandbox) => return Ok(sandbox),
+        Err(e) => e,
+    };
+    let Some(again) = again.filter(|_| !cancel.is_cancelled()) else {
+        return Err(failed);
+    };
+    let discard = |template: &Template| {
+        if let Err(e) = store.discard(template) {
+            tracing::warn!(template = %template.info.key, "throwing the template away: {e}");
         }
-        other => other,
+    };
+    match failed {
+        RuntimeError::Vmm(vmm::Error::Snapshot(why)) => {
+            tracing::warn!(template = %template.info.key, "the template was refused ({why}); building it again");
+            discard(&template);
+            let template = store.ensure(&inputs, &again.vm, again.debug_guest, cancel)?;
+            let cold = again.try_clone();
+            match restore(again, &template, cancel) {
+                Ok(sandbox) => Ok(sandbox),
+                Err(e) => match cold.filter(|_| !cancel.is_cancelled()) {
+                    Some(cold) => {
+                        tracing::warn!(template = %template.info.key, "the rebuilt template failed too ({e}); booting cold");
+                        Sandbox::boot(cold, cancel)
+                    }
+                    None => Err(e),
+                },
+            }
+        }
+        other => {
+            tracing::warn!(template = %template.info.key, "restoring from the template failed ({other}); booting cold");
+            let sandbox = Sandbox::boot(again, cancel)?;
+            tracing::warn!(template = %template.info.key, "the cold boot worked: the template is thrown away");
+            discard(&template);
+            Ok(sandbox)
+        }
     }
 }
 

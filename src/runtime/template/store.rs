@@ -10,12 +10,17 @@
 //! ```
 //! A template is built in a directory of its own and renamed into place
 //! whole, so a reader sees all of one or nothing. Restoring takes no lock:
-//! a restored VM maps its memory file, which outlives a removal.
+//! a restored VM maps its memory file, which outlives a removal. A
+//! template's memory becomes the guest that is handed the container's
+//! files, so the store must be this user's alone: it is made mode 0700,
+//! and one that others can write is refused.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -35,6 +40,8 @@ const DIGESTS: &str = "digests";
 const EMPTY: &str = "empty";
 const BUILDING: &str = ".build-";
 const DISCARDED: &str = ".discarded-";
+/// How often a wait for another skiff's build looks at its cancel flag.
+const LOCK_POLL: Duration = Duration::from_millis(100);
 
 /// What `template.json` says.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -83,13 +90,41 @@ impl TemplateStore {
         &self.dir
     }
 
+    /// Makes the store if need be, and checks that only this user can
+    /// change what is in it.
+    fn checked(&self) -> Result<(), RuntimeError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|e| {
+                RuntimeError::io(format!("creating the template store {}", self.dir.display()), e)
+            })?;
+        let meta = fs::metadata(&self.dir)
+            .map_err(|e| RuntimeError::io(format!("the template store {}", self.dir.display()), e))?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me || meta.mode() & 0o022 != 0 {
+            return Err(RuntimeError::State(format!(
+                "the template store {} is owned by uid {} with mode {:o}: it must be this user's (uid {me}) \
+                 and writable by nobody else, since its VMs are given containers' files",
+                self.dir.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            )));
+        }
+        Ok(())
+    }
+
     /// The inputs of a VM with `resources`.
     pub fn inputs(&self, resources: &VmResources, debug_guest: bool) -> Result<Inputs, RuntimeError> {
+        self.checked()?;
         Inputs::of(resources, debug_guest, &self.dir.join(DIGESTS))
     }
 
     /// An empty directory for the shares a container does not use.
     pub fn empty_dir(&self) -> Result<PathBuf, RuntimeError> {
+        self.checked()?;
         let dir = self.dir.join(EMPTY);
         fs::create_dir_all(&dir).map_err(|e| RuntimeError::io(format!("creating {}", dir.display()), e))?;
         Ok(dir)
@@ -103,11 +138,12 @@ impl TemplateStore {
         debug_guest: bool,
         cancel: &Cancel,
     ) -> Result<Template, RuntimeError> {
+        self.checked()?;
         let key = inputs.key();
         if let Some(t) = self.get(&key)? {
             return Ok(t);
         }
-        let _lock = self.lock(&key)?;
+        let _lock = self.lock(&key, Some(cancel))?;
         // Whoever held the lock before may have built it.
         if let Some(t) = self.get(&key)? {
             return Ok(t);
@@ -152,8 +188,10 @@ impl TemplateStore {
                 continue;
             };
             if is_key(&name) {
-                if let Some(t) = self.get(&name)? {
-                    out.push(t);
+                match self.get(&name) {
+                    Ok(Some(t)) => out.push(t),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(template = %name, "{e}"),
                 }
             }
         }
@@ -171,7 +209,7 @@ impl TemplateStore {
         if !dir.exists() {
             return Ok(false);
         }
-        let _lock = self.lock(key)?;
+        let _lock = self.lock(key, None)?;
         if !dir.exists() {
             return Ok(false);
         }
@@ -179,19 +217,42 @@ impl TemplateStore {
         Ok(true)
     }
 
+    /// Removes every template, readable or not, and what dead builds left;
+    /// a build in progress is left alone. Returns how many went.
+    pub fn remove_all(&self) -> Result<usize, RuntimeError> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(RuntimeError::io(format!("reading {}", self.dir.display()), e)),
+        };
+        let mut removed = 0;
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_key(&name) && entry.path().is_dir() {
+                if self.remove(&name)? {
+                    removed += 1;
+                }
+            } else if let Some(key) = leftover_key(&name) {
+                if let Some(_lock) = self.try_lock(key)? {
+                    let _ = fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Throws `template` away after a restore refused it, unless it has
     /// been rebuilt since.
     pub fn discard(&self, template: &Template) -> Result<(), RuntimeError> {
-        let _lock = self.lock(&template.info.key)?;
+        let _lock = self.lock(&template.info.key, None)?;
         match self.get(&template.info.key)? {
             Some(current) if current.info.build_id == template.info.build_id => self.remove_dir(&current.dir),
             _ => Ok(()),
         }
     }
 
-    fn lock(&self, key: &str) -> Result<Flock<File>, RuntimeError> {
-        fs::create_dir_all(&self.dir)
-            .map_err(|e| RuntimeError::io(format!("creating {}", self.dir.display()), e))?;
+    fn lock_file(&self, key: &str) -> Result<(File, PathBuf), RuntimeError> {
+        self.checked()?;
         let path = self.dir.join(format!("{key}.lock"));
         let file = OpenOptions::new()
             .create(true)
@@ -199,20 +260,48 @@ impl TemplateStore {
             .write(true)
             .open(&path)
             .map_err(|e| RuntimeError::io(format!("opening {}", path.display()), e))?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => Ok(lock),
-            Err((file, _)) => {
-                tracing::info!(template = key, "waiting for another skiff building this template");
-                Flock::lock(file, FlockArg::LockExclusive)
-                    .map_err(|(_, e)| RuntimeError::io(format!("locking {}", path.display()), e.into()))
+        Ok((file, path))
+    }
+
+    /// The key's lock, if nobody holds it.
+    fn try_lock(&self, key: &str) -> Result<Option<Flock<File>>, RuntimeError> {
+        let (file, _) = self.lock_file(key)?;
+        Ok(Flock::lock(file, FlockArg::LockExclusiveNonblock).ok())
+    }
+
+    /// The key's lock, waiting for whoever holds it (a build takes about a
+    /// boot) unless `cancel` says stop.
+    fn lock(&self, key: &str, cancel: Option<&Cancel>) -> Result<Flock<File>, RuntimeError> {
+        let (mut file, path) = self.lock_file(key)?;
+        let mut said = false;
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(lock),
+                Err((back, nix::errno::Errno::EWOULDBLOCK)) => file = back,
+                Err((_, e)) => return Err(RuntimeError::io(format!("locking {}", path.display()), e.into())),
             }
+            if !said {
+                tracing::info!(template = key, "waiting for another skiff building this template");
+                said = true;
+            }
+            if cancel.is_some_and(Cancel::is_cancelled) {
+                return Err(RuntimeError::VmEnded(
+                    "cancelled while waiting for a template".into(),
+                ));
+            }
+            std::thread::sleep(LOCK_POLL);
         }
     }
 
     /// Renamed away first, so no reader finds half a template.
     fn remove_dir(&self, dir: &Path) -> Result<(), RuntimeError> {
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("template");
-        let away = self.dir.join(format!("{DISCARDED}{name}-{}", std::process::id()));
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let away = self.dir.join(format!(
+            "{DISCARDED}{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         match fs::rename(dir, &away) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -235,6 +324,7 @@ impl TemplateStore {
         // unreadable template is in the way.
         self.clear_leftovers(key);
         self.remove_dir(&self.dir.join(key))?;
+        self.prune_other_builds();
         let build = self.dir.join(format!("{BUILDING}{key}-{}", std::process::id()));
         fs::create_dir(&build).map_err(|e| RuntimeError::io(format!("creating {}", build.display()), e))?;
         let guard = RemoveOnDrop(Some(build.clone()));
@@ -245,23 +335,22 @@ impl TemplateStore {
             profile = %inputs.cpu_profile,
             "building a template: one cold boot, which later containers of this size skip"
         );
-        let empty = self.empty_dir()?;
-        let config = SandboxConfig {
-            vm: resources.clone(),
-            root: GuestRoot::Shared(empty.clone()),
-            shares: padded_layout(Vec::new(), &empty),
-            // Socket paths must stay short whatever the store's path is.
-            work_dir: std::env::temp_dir().join(format!("skiff-template-{}-{key}", std::process::id())),
-            console: ConsoleOutput::File(build.join(CONSOLE)),
-            debug_guest,
+        let built = self.boot_and_snapshot(key, &build, resources, debug_guest, cancel);
+        let (boot_ms, snapshot_ms) = match built {
+            Ok(times) => times,
+            Err(e) => {
+                // The build directory goes; what the guest said stays.
+                let kept = self.dir.join(format!("{key}.failed-console.log"));
+                if fs::rename(build.join(CONSOLE), &kept).is_ok() {
+                    tracing::warn!(
+                        template = key,
+                        "the template boot failed; its console is in {}",
+                        kept.display()
+                    );
+                }
+                return Err(e);
+            }
         };
-        let started = Instant::now();
-        let sandbox = Sandbox::launch(config, Launch::Boot, cancel)?;
-        let boot_ms = started.elapsed().as_millis() as u64;
-        let saving = Instant::now();
-        sandbox.snapshot(&build.join(SNAPSHOT))?;
-        let snapshot_ms = saving.elapsed().as_millis() as u64;
-        drop(sandbox);
         let info = TemplateInfo {
             key: key.to_owned(),
             build_id: format!("{}-{}", std::process::id(), now_rfc3339()),
@@ -278,6 +367,7 @@ impl TemplateStore {
         fs::rename(&build, &dir)
             .map_err(|e| RuntimeError::io(format!("moving {} into place", build.display()), e))?;
         guard.release();
+        let _ = fs::remove_file(self.dir.join(format!("{key}.failed-console.log")));
         let template = Template { info, dir };
         tracing::info!(
             template = key,
@@ -289,21 +379,76 @@ impl TemplateStore {
         Ok(template)
     }
 
+    /// Boots the template VM into `build` and snapshots it at its agent's
+    /// `Ready`; returns how long each took, in ms.
+    fn boot_and_snapshot(
+        &self,
+        key: &str,
+        build: &Path,
+        resources: &VmResources,
+        debug_guest: bool,
+        cancel: &Cancel,
+    ) -> Result<(u64, u64), RuntimeError> {
+        let empty = self.empty_dir()?;
+        // Socket paths must stay short whatever the store's path is, and
+        // the directory must be this build's own.
+        let work_dir =
+            nix::unistd::mkdtemp(&std::env::temp_dir().join(format!("skiff-template-{}-XXXXXX", &key[..8])))
+                .map_err(|e| RuntimeError::io("making the template boot's directory", e.into()))?;
+        let config = SandboxConfig {
+            vm: resources.clone(),
+            root: GuestRoot::Shared(empty.clone()),
+            shares: padded_layout(Vec::new(), &empty),
+            work_dir,
+            console: ConsoleOutput::File(build.join(CONSOLE)),
+            debug_guest,
+        };
+        let started = Instant::now();
+        let sandbox = Sandbox::launch(config, Launch::Boot, cancel)?;
+        let boot_ms = started.elapsed().as_millis() as u64;
+        let saving = Instant::now();
+        sandbox.snapshot(&build.join(SNAPSHOT))?;
+        Ok((boot_ms, saving.elapsed().as_millis() as u64))
+    }
+
+    /// Templates made by other builds of skiff can never be restored by
+    /// this one; they go when this one builds (unless in use by a build).
+    fn prune_other_builds(&self) {
+        let Ok(templates) = self.list() else {
+            return;
+        };
+        for t in templates {
+            if t.info.inputs.skiff_version == crate::BUILD {
+                continue;
+            }
+            if let Ok(Some(_lock)) = self.try_lock(&t.info.key) {
+                tracing::info!(template = %t.info.key, build = %t.info.inputs.skiff_version, "removing a template of another skiff build");
+                let _ = self.remove_dir(&t.dir);
+            }
+        }
+    }
+
     fn clear_leftovers(&self, key: &str) {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
         };
         for entry in entries.filter_map(Result::ok) {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let of_key = |prefix: &str| {
-                name.strip_prefix(prefix)
-                    .is_some_and(|rest| rest.starts_with(key))
-            };
-            if of_key(BUILDING) || of_key(DISCARDED) {
+            if leftover_key(&name) == Some(key) {
                 let _ = fs::remove_dir_all(entry.path());
             }
         }
     }
+}
+
+/// The key of a build in progress or a template being removed, by its
+/// directory's name.
+fn leftover_key(name: &str) -> Option<&str> {
+    let rest = name
+        .strip_prefix(BUILDING)
+        .or_else(|| name.strip_prefix(DISCARDED))?;
+    let key = rest.split('-').next()?;
+    is_key(key).then_some(key)
 }
 
 /// Template directories are named by hex keys; nothing else in the store is.

@@ -54,15 +54,7 @@ pub fn save(mem: &GuestMemoryHost, path: &Path) -> Result<String> {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .map_err(|e| Error::Memory(e.to_string()))?;
-        // A restored VM's RAM is mapped from a file: its untouched pages
-        // hold the file's data, so all of them are read.
-        let touched = if region.file_offset().is_some() {
-            vec![true; len.div_ceil(PAGE)]
-        } else {
-            crate::vmm::memory::touched_pages(host.cast_const(), len)
-                .map_err(|e| Error::Memory(format!("reading /proc/self/pagemap: {e}")))?
-        };
-        for (i, _) in touched.iter().enumerate().filter(|(_, &t)| t) {
+        let mut write_page = |i: usize| -> Result<()> {
             // SAFETY: page `i` lies within the region, a live mapping of
             // `len` bytes owned by `mem`; the vCPUs are paused and the
             // device workers held, so nothing writes it while it is read.
@@ -72,27 +64,54 @@ pub fn save(mem: &GuestMemoryHost, path: &Path) -> Result<String> {
                 file.write_all_at(page, at).map_err(err)?;
             }
             hash.page(at, page);
+            Ok(())
+        };
+        // A restored VM's RAM is mapped from a file: its untouched pages
+        // hold the file's data, so all of them are read; so are all pages
+        // when the page map cannot be read at all.
+        let mut visited = 0usize;
+        let skipped = region.file_offset().is_none()
+            && match crate::vmm::memory::touched_pages(host.cast_const(), len, |i| {
+                visited += 1;
+                write_page(i)
+            }) {
+                Ok(written) => {
+                    written?;
+                    true
+                }
+                Err(e) if visited == 0 => {
+                    tracing::warn!("/proc/self/pagemap: {e}; reading all of guest memory");
+                    false
+                }
+                Err(e) => return Err(Error::Memory(format!("reading /proc/self/pagemap: {e}"))),
+            };
+        if !skipped {
+            (0..len.div_ceil(PAGE)).try_for_each(&mut write_page)?;
         }
         offset += len as u64;
     }
     file.set_len(offset).map_err(err)?;
+    // Read-only from now on: VMs restored from it read pages they have not
+    // touched yet from the file itself.
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444))
+        .map_err(err)?;
     file.sync_all().map_err(err)?;
     Ok(hash.hex())
 }
 
-/// The content hash of the file at `path`, read extent by extent so the
-/// holes cost nothing.
-pub fn content_hash(path: &Path) -> io::Result<String> {
-    let file = File::open(path)?;
+/// The content hash of `file`, read extent by extent so the holes cost
+/// nothing. Hashing the descriptor that is then mapped means the pages
+/// checked are the pages the guest gets.
+pub fn content_hash(file: &File) -> io::Result<String> {
     let len = file.metadata()?.len();
     let mut hash = ContentHash::default();
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0u64;
     while at < len {
-        let Some(start) = seek(&file, at, libc::SEEK_DATA)? else {
+        let Some(start) = seek(file, at, libc::SEEK_DATA)? else {
             break;
         };
-        let end = seek(&file, start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        let end = seek(file, start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
         // Extents start on page boundaries on every file system that
         // stores this file; round down anyway so pages line up.
         let mut pos = start - start % PAGE_SIZE;
@@ -174,7 +193,7 @@ mod tests {
         let path = dir.path().join("memory");
         let saved = save(&mem, &path).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
-        assert_eq!(content_hash(&path).unwrap(), saved);
+        assert_eq!(content_hash(&File::open(&path).unwrap()).unwrap(), saved);
         // Sparse: two pages of data, not four MiB.
         use std::os::unix::fs::MetadataExt;
         assert!(std::fs::metadata(&path).unwrap().blocks() * 512 < 1 << 20);
@@ -188,7 +207,11 @@ mod tests {
         a.write_slice(b"changed!!", GuestAddress(0x2a_1234)).unwrap();
         b.read_slice(&mut buf, GuestAddress(0x2a_1234)).unwrap();
         assert_eq!(&buf, b"somewhere", "a write of one VM reached another");
-        assert_eq!(content_hash(&path).unwrap(), saved, "a write reached the file");
+        assert_eq!(
+            content_hash(&File::open(&path).unwrap()).unwrap(),
+            saved,
+            "a write reached the file"
+        );
 
         // One byte changed, or the file cut short, is seen.
         File::options()
@@ -197,6 +220,6 @@ mod tests {
             .unwrap()
             .write_all_at(b"X", 0x3f_0000)
             .unwrap();
-        assert_ne!(content_hash(&path).unwrap(), saved);
+        assert_ne!(content_hash(&File::open(&path).unwrap()).unwrap(), saved);
     }
 }

@@ -181,7 +181,7 @@ pub fn load(dir: &Path) -> Result<Loaded> {
             format!("{MEMORY} has {len} bytes, the snapshot {}", manifest.memory_bytes),
         ));
     }
-    let hash = memory_file::content_hash(&memory_path)
+    let hash = memory_file::content_hash(&memory)
         .map_err(|e| snapshot_err(dir, format!("reading {MEMORY}: {e}")))?;
     if hash != manifest.memory_sha256 {
         return Err(snapshot_err(
