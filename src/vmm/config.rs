@@ -81,6 +81,30 @@ pub struct VmConfig {
     /// virtio-fs shares, each mounted in the guest by its tag.
     pub shared_dirs: Vec<FsConfig>,
     pub vsock: Option<VsockConfig>,
+    /// How a restore gives the guest its saved RAM; `None` picks by host.
+    pub restore_memory: Option<RestoreMemory>,
+}
+
+/// How a restored VM gets its RAM from the snapshot's memory file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreMemory {
+    /// Mapped copy-on-write: VMs restored from one file share its pages
+    /// until they write them. For hardware-virtualized KVM.
+    Mapped,
+    /// Copied into the VM's own anonymous memory. On software KVM, guest
+    /// processes in VMs whose RAM is a private file mapping have been seen
+    /// to crash right after a fork (the host's copy-on-write of file pages
+    /// under the guest's own); copies avoid it, at the price of sharing.
+    Copied,
+}
+
+impl RestoreMemory {
+    pub fn for_backend(backend: crate::vmm::host::KvmBackend) -> RestoreMemory {
+        match backend {
+            crate::vmm::host::KvmBackend::Hardware => RestoreMemory::Mapped,
+            crate::vmm::host::KvmBackend::Software => RestoreMemory::Copied,
+        }
+    }
 }
 
 impl VmConfig {
@@ -95,6 +119,7 @@ impl VmConfig {
             block_devices: Vec::new(),
             shared_dirs: Vec::new(),
             vsock: None,
+            restore_memory: None,
         }
     }
 

@@ -36,7 +36,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use config::{
-    BlockConfig, BootSource, ConsoleOutput, FsConfig, MemorySize, ShareFlags, VmConfig, VsockConfig,
+    BlockConfig, BootSource, ConsoleOutput, FsConfig, MemorySize, RestoreMemory, ShareFlags, VmConfig,
+    VsockConfig,
 };
 pub use cpuid::CpuProfile;
 pub use error::{Error, Result};
@@ -337,8 +338,12 @@ impl Vm {
                 config.memory
             )));
         }
-        let machine = Machine::open(&config, || {
-            snapshot::memory_file::map_private(&loaded.memory, saved.memory_bytes)
+        let how = config
+            .restore_memory
+            .unwrap_or_else(|| RestoreMemory::for_backend(host::detect_backend()));
+        let machine = Machine::open(&config, || match how {
+            RestoreMemory::Mapped => snapshot::memory_file::map_private(&loaded.memory, saved.memory_bytes),
+            RestoreMemory::Copied => snapshot::memory_file::load_copy(&loaded.memory, saved.memory_bytes),
         })?;
         if machine.profile.to_string() != saved.cpu_profile {
             return Err(mismatch(format!(
