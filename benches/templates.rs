@@ -4,10 +4,12 @@
 //! - `start/cold` and `start/template`: `skiff boot --bundle` of a busybox
 //!   `echo`, from the command's start to the container's first line of
 //!   output, booted from the kernel or restored from a template;
-//! - `restore/vmm`: the VMM's side of a restore, from reading the snapshot
-//!   until the vCPU threads run guest code;
+//! - `restore/vmm-mapped` and `restore/vmm-copied`: the VMM's side of a
+//!   restore, from reading the snapshot until the vCPU threads run guest
+//!   code, with the memory file mapped or copied;
 //! - then, outside criterion, the memory ten idle VMs of each kind take
-//!   (all in this process: resident, proportional, and private).
+//!   (restored mapped, restored copied, cold; all in this process:
+//!   resident, proportional, and private).
 //!
 //! A cold boot is most of a minute on a host without hardware
 //! virtualization, so each group takes criterion's minimum of ten samples.
@@ -21,7 +23,7 @@ use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use skiff::runtime::root::GuestRoot;
 use skiff::runtime::sandbox::{Cancel, Launch, Sandbox, SandboxConfig, VmResources};
 use skiff::runtime::template::{padded_layout, TemplateStore};
-use skiff::vmm::{ConsoleOutput, MemorySize, Vm};
+use skiff::vmm::{ConsoleOutput, MemorySize, RestoreMemory, Vm};
 
 const MEMORY: u64 = 128 << 20;
 const IDLE_VMS: usize = 10;
@@ -140,28 +142,34 @@ fn bench(c: &mut Criterion) {
         .unwrap();
     let mut group = c.benchmark_group("restore");
     group.sample_size(20);
-    group.bench_function("vmm", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for i in 0..iters {
-                let work = setup.dir.path().join(format!("vmm-{i}"));
-                std::fs::create_dir_all(&work).unwrap();
-                let config = setup
-                    .sandbox_config("unused")
-                    .into_vm_config(&work.join("vsock.sock"));
-                let started = Instant::now();
-                let running = Vm::restore(config, &template.snapshot_dir())
-                    .unwrap()
-                    .start()
-                    .unwrap();
-                total += started.elapsed();
-                running.stop_handle().stop();
-                running.wait().unwrap();
-                std::fs::remove_dir_all(&work).unwrap();
-            }
-            total
-        })
-    });
+    for (name, how) in [
+        ("vmm-mapped", RestoreMemory::Mapped),
+        ("vmm-copied", RestoreMemory::Copied),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for i in 0..iters {
+                    let work = setup.dir.path().join(format!("vmm-{i}"));
+                    std::fs::create_dir_all(&work).unwrap();
+                    let mut config = setup
+                        .sandbox_config("unused")
+                        .into_vm_config(&work.join("vsock.sock"));
+                    config.restore_memory = Some(how);
+                    let started = Instant::now();
+                    let running = Vm::restore(config, &template.snapshot_dir())
+                        .unwrap()
+                        .start()
+                        .unwrap();
+                    total += started.elapsed();
+                    running.stop_handle().stop();
+                    running.wait().unwrap();
+                    std::fs::remove_dir_all(&work).unwrap();
+                }
+                total
+            })
+        });
+    }
     group.finish();
 
     idle_memory(&setup, &template.snapshot_dir());
@@ -181,10 +189,16 @@ fn memory() -> [u64; 3] {
 }
 
 fn idle_memory(setup: &Setup, snapshot: &Path) {
-    for (kind, launch) in [
-        ("restored", Launch::Restore(snapshot.to_owned())),
-        ("cold", Launch::Boot),
+    let restore = Launch::Restore(snapshot.to_owned());
+    // Restored both ways: copying is what containers get on this kind of
+    // host; mapping is what hardware-virtualized hosts do.
+    for (kind, launch, how) in [
+        ("restored-mapped", restore.clone(), "mapped"),
+        ("restored-copied", restore, "copied"),
+        ("cold", Launch::Boot, ""),
     ] {
+        // Read by each restore; set while no other thread of this process runs.
+        std::env::set_var(skiff::vmm::config::RESTORE_MEMORY_ENV, how);
         let before = memory();
         let started = Instant::now();
         let vms: Vec<Sandbox> = std::thread::scope(|s| {

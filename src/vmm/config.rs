@@ -98,7 +98,20 @@ pub enum RestoreMemory {
     Copied,
 }
 
+/// Overrides the host's choice of [`RestoreMemory`]: `mapped` or `copied`.
+pub const RESTORE_MEMORY_ENV: &str = "SKIFF_RESTORE_MEMORY";
+
 impl RestoreMemory {
+    /// `SKIFF_RESTORE_MEMORY` when set to a known value, else the choice
+    /// for this host's KVM.
+    pub fn auto() -> RestoreMemory {
+        match std::env::var(RESTORE_MEMORY_ENV).as_deref() {
+            Ok("mapped") => RestoreMemory::Mapped,
+            Ok("copied") => RestoreMemory::Copied,
+            _ => RestoreMemory::for_backend(crate::vmm::host::detect_backend()),
+        }
+    }
+
     pub fn for_backend(backend: crate::vmm::host::KvmBackend) -> RestoreMemory {
         match backend {
             crate::vmm::host::KvmBackend::Hardware => RestoreMemory::Mapped,

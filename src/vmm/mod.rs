@@ -338,9 +338,7 @@ impl Vm {
                 config.memory
             )));
         }
-        let how = config
-            .restore_memory
-            .unwrap_or_else(|| RestoreMemory::for_backend(host::detect_backend()));
+        let how = config.restore_memory.unwrap_or_else(RestoreMemory::auto);
         let machine = Machine::open(&config, || match how {
             RestoreMemory::Mapped => snapshot::memory_file::map_private(&loaded.memory, saved.memory_bytes),
             RestoreMemory::Copied => snapshot::memory_file::load_copy(&loaded.memory, saved.memory_bytes),
