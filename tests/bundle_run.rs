@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-/// Far above a boot's ~40 s here; it only turns a hang into a failure.
-const RUN_TIMEOUT: Duration = Duration::from_secs(600);
+/// Far above a boot's ~40 s here (85 s with three at once); it only
+/// turns a hang into a failure.
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 const BIG: usize = 10 << 20;
 
 /// A bundle directory with a config.json whose root is the cached busybox
@@ -181,7 +182,11 @@ fn retry_on_host_defect(f: &Fixture, attempt: impl Fn(&Fixture)) {
             .or_else(|| panic.downcast_ref::<&str>().copied())
             .unwrap_or_default();
         let seen = |sign: &&str| f.console().contains(sign) || message.contains(sign);
-        if tried == ATTEMPTS || !HOST_DEFECT_SIGNS.iter().any(seen) {
+        // A cold boot whose kernel never reached init has been seen once
+        // in many (CI, three VMs at once): the guest kernel stood still.
+        let console = f.console();
+        let stuck_in_boot = console.contains("Linux version") && !console.contains("Run /init");
+        if tried == ATTEMPTS || !(HOST_DEFECT_SIGNS.iter().any(seen) || stuck_in_boot) {
             std::panic::resume_unwind(panic);
         }
         eprintln!("the host's exec defect killed a guest process (see the console); running the boot again");
