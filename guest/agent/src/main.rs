@@ -2,6 +2,12 @@ fn main() {
     if std::process::id() == 1 {
         skiff_agent::vm_main();
     }
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|flag| flag == skiff_agent::WAITER_FLAG)
+    {
+        skiff_agent::waiter_main();
+    }
     eprintln!("usage: skiff-agent is the init (PID 1) of a skiff microVM and takes no arguments");
     std::process::exit(2);
 }

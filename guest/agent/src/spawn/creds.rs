@@ -1,13 +1,14 @@
-//! An OCI process's identity and limits translated, before the fork, into
-//! the values the child hands straight to the kernel.
+//! An OCI process's identity and limits translated, in the agent, into
+//! the values the waiter hands straight to the kernel.
 
 use caps::{CapSet, Capability, CapsHashSet};
 use oci_spec::runtime::{Capabilities, LinuxCapabilities, PosixRlimit, PosixRlimitType, Process};
+use serde::{Deserialize, Serialize};
 
 use crate::log::info;
 
 /// The capability sets to apply, resolved to the `caps` crate's names.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CapPlan {
     /// Bounding-set members the kernel has that the spec does not list.
     pub drop_bounding: Vec<Capability>,

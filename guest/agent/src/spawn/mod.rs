@@ -1,9 +1,13 @@
 //! Creating a container process: everything that can be checked or
-//! allocated is done before the fork, then the child waits on a pipe for
-//! the host's `Start` before it `execve`s.
+//! allocated is done in the agent, then a launcher executes the agent's own
+//! binary as the process's waiter (see `launch`), which waits on a pipe for
+//! the host's `Start` before it `execve`s the process.
 
-mod child;
 mod creds;
+mod launch;
+mod plan;
+mod report;
+mod waiter;
 
 use std::ffi::CString;
 use std::fs::File;
@@ -12,6 +16,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
+use std::sync::OnceLock;
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
@@ -20,13 +25,31 @@ use nix::unistd::pipe2;
 use oci_spec::runtime::{PosixRlimitType, Process};
 use skiff_protocol::ExitStatus;
 
-pub use child::Stage;
-use child::{ChildFds, ChildStdio, RECORD_LEN};
 pub use creds::CapPlan;
+use launch::{ChildStdio, Launch};
+pub use plan::WAITER_FLAG;
+use plan::{Plan, Rlimit, WAITER_NAME};
+pub use report::Stage;
+use report::RECORD_LEN;
+pub use waiter::main as waiter_main;
 
 use crate::passwd;
 use crate::reaper::reaper;
 use crate::resolve::{self, in_root};
+
+/// The agent's binary, opened before the agent changes its root: each
+/// process's waiter is executed from it.
+static AGENT_EXE: OnceLock<OwnedFd> = OnceLock::new();
+
+/// Opens the agent's binary for later waiters; the first call decides.
+pub fn open_agent_exe(path: &Path) -> Result<(), String> {
+    if AGENT_EXE.get().is_some() {
+        return Ok(());
+    }
+    let file = File::open(path).map_err(|e| format!("opening the agent's binary {}: {e}", path.display()))?;
+    let _ = AGENT_EXE.set(OwnedFd::from(file));
+    Ok(())
+}
 
 /// Why a process could not be created, with a shell's status for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,16 +67,16 @@ impl SpawnError {
     }
 }
 
-/// A forked process waiting for `Start`, with the agent's ends of its pipes.
+/// A process waiting for `Start`, with the agent's ends of its pipes.
 #[derive(Debug)]
 pub struct Spawned {
     pub pid: i32,
     /// Its exit status, from the reaper.
     pub exit: Receiver<ExitStatus>,
-    /// A byte written here releases the child; dropping it unwritten makes
-    /// the child exit.
+    /// A byte written here releases the process; dropping it unwritten
+    /// makes it exit.
     pub start: File,
-    /// The child's failure report, if it failed before `execve`.
+    /// The process's failure report, if it failed before `execve`.
     pub failure: Failure,
     pub stdio: Stdio,
 }
@@ -64,24 +87,18 @@ pub enum Stdio {
     Terminal { master: File },
 }
 
-/// Everything the child needs, built before the fork.
+/// Everything the process needs, built in the agent.
 pub struct Prepared {
-    exe: CString,
-    // The pointer arrays point into these.
+    /// The waiter's argument vector: its flag, the plan, then the
+    /// process's own arguments. The pointer arrays point into these.
     _argv: Vec<CString>,
     argv_ptrs: Vec<*const libc::c_char>,
     _envp: Vec<CString>,
     envp_ptrs: Vec<*const libc::c_char>,
-    cwd: CString,
-    rlimits: Vec<(creds::Resource, libc::rlimit, PosixRlimitType)>,
-    umask: libc::mode_t,
-    groups: Vec<libc::gid_t>,
-    uid: libc::uid_t,
-    gid: libc::gid_t,
-    caps: Option<CapPlan>,
-    no_new_privileges: bool,
-    terminal: Option<Winsize>,
+    plan: Plan,
     /// For messages about failures.
+    rlimit_types: Vec<PosixRlimitType>,
+    terminal: Option<Winsize>,
     exe_path: PathBuf,
 }
 
@@ -143,55 +160,82 @@ impl Prepared {
                 ws_ypixel: 0,
             }
         });
-        Ok(Prepared {
-            exe: cstring("the executable's path", exe_path.as_os_str().as_bytes())?,
-            argv_ptrs: pointers(&argv),
-            _argv: argv,
-            envp_ptrs: pointers(&envp),
-            _envp: envp,
-            cwd: cstring("process.cwd", in_root(root, &cwd).as_os_str().as_bytes())?,
-            rlimits: creds::rlimits(process),
+        let rlimits = creds::rlimits(process);
+        let plan = Plan {
+            exe: exe_path.as_os_str().as_bytes().to_vec(),
+            cwd: in_root(root, &cwd).as_os_str().as_bytes().to_vec(),
+            rlimits: rlimits
+                .iter()
+                .map(|(resource, limit, _)| Rlimit {
+                    resource: *resource,
+                    soft: limit.rlim_cur,
+                    hard: limit.rlim_max,
+                })
+                .collect(),
             umask: user.umask().unwrap_or(0o022) as libc::mode_t,
             groups: user.additional_gids().clone().unwrap_or_default(),
             uid: user.uid(),
             gid: user.gid(),
             caps: process.capabilities().as_ref().map(CapPlan::from_spec),
             no_new_privileges: process.no_new_privileges().unwrap_or(false),
+        };
+        // Checked here so the waiter's own checks cannot fail on them.
+        cstring("the executable's path", &plan.exe)?;
+        cstring("process.cwd", &plan.cwd)?;
+        let mut waiter_argv = vec![
+            cstring("the waiter's name", WAITER_NAME.as_bytes())?,
+            cstring("the waiter's flag", WAITER_FLAG.as_bytes())?,
+            cstring("the process's plan", plan.encode().as_bytes())?,
+        ];
+        waiter_argv.extend(argv);
+        Ok(Prepared {
+            argv_ptrs: pointers(&waiter_argv),
+            _argv: waiter_argv,
+            envp_ptrs: pointers(&envp),
+            _envp: envp,
+            plan,
+            rlimit_types: rlimits.into_iter().map(|(_, _, typ)| typ).collect(),
             terminal,
             exe_path,
         })
     }
 
-    /// The message for a failure the child reported.
+    /// The message for a failure the process reported.
     pub fn describe_failure(&self, stage: Stage, errno: i32) -> String {
         let err = Errno::from_raw(errno).desc();
+        let plan = &self.plan;
         let what = match stage {
             Stage::Stdio => "setting up stdio".to_string(),
             Stage::Terminal => "making the terminal the controlling terminal".to_string(),
-            Stage::Chdir => format!("chdir to `{}`", String::from_utf8_lossy(self.cwd.as_bytes())),
-            Stage::Rlimit(i) => match self.rlimits.get(usize::from(i)) {
-                Some((_, limit, typ)) => format!("setting {typ} to {}/{}", limit.rlim_cur, limit.rlim_max),
-                None => "setting an rlimit".to_string(),
-            },
-            Stage::Groups => format!("setting additional gids {:?}", self.groups),
-            Stage::Gid => format!("setting gid {}", self.gid),
-            Stage::Uid => format!("setting uid {}", self.uid),
+            Stage::Chdir => format!("chdir to `{}`", String::from_utf8_lossy(&plan.cwd)),
+            Stage::Rlimit(i) => {
+                let i = usize::from(i);
+                match (plan.rlimits.get(i), self.rlimit_types.get(i)) {
+                    (Some(limit), Some(typ)) => format!("setting {typ} to {}/{}", limit.soft, limit.hard),
+                    _ => "setting an rlimit".to_string(),
+                }
+            }
+            Stage::Groups => format!("setting additional gids {:?}", plan.groups),
+            Stage::Gid => format!("setting gid {}", plan.gid),
+            Stage::Uid => format!("setting uid {}", plan.uid),
             Stage::Bounding => "dropping from the capability bounding set".to_string(),
             Stage::Capabilities => "setting capabilities".to_string(),
             Stage::Ambient => "raising ambient capabilities".to_string(),
             Stage::NoNewPrivileges => "setting no_new_privs".to_string(),
             Stage::Exec => format!("exec `{}`", self.exe_path.display()),
+            Stage::Waiter => "executing the agent's binary as the process's waiter".to_string(),
+            Stage::Plan => "the waiter could not read its plan".to_string(),
         };
         format!("{what}: {err}")
     }
 }
 
-/// How the child's failure record reaches the agent.
+/// How the process's failure record reaches the agent.
 #[derive(Debug)]
 pub struct Failure(File);
 
 impl Failure {
-    /// Reads the record once the child is gone (its write end closed by
+    /// Reads the record once the waiter is gone (its write end closed by
     /// `execve` or exit): `None` when it got as far as `execve`.
     pub fn take(&mut self) -> Option<(Stage, i32)> {
         let mut record = [0u8; RECORD_LEN];
@@ -211,12 +255,16 @@ fn set_cloexec(fd: &OwnedFd) -> Result<(), SpawnError> {
         .map_err(|e| SpawnError::new(format!("fcntl: {e}")))
 }
 
-/// Forks the child described by `p`, stopped before `execve` until a byte
-/// is written to [`Spawned::start`].
+/// Creates the process described by `p`, stopped before `execve` until a
+/// byte is written to [`Spawned::start`].
 pub fn spawn(p: &Prepared) -> Result<Spawned, SpawnError> {
+    let exe = AGENT_EXE
+        .get()
+        .ok_or_else(|| SpawnError::new("internal error: the agent's binary was not opened"))?;
     let (start_r, start_w) = cloexec_pipe()?;
     let (report_r, report_w) = cloexec_pipe()?;
-    // The agent's ends go to `Stdio`, the child's are dropped after the fork.
+    // The agent's ends go to `Stdio`, the process's are closed once it has
+    // its copies.
     let (stdio, child_ends): (Stdio, Vec<File>) = match &p.terminal {
         Some(size) => {
             let pty =
@@ -249,38 +297,31 @@ pub fn spawn(p: &Prepared) -> Result<Spawned, SpawnError> {
         },
         _ => return Err(SpawnError::new("internal error: unexpected stdio ends")),
     };
-    let fds = ChildFds {
-        stdio: child_stdio,
-        start: start_r.as_raw_fd(),
-        report: report_w.as_raw_fd(),
-    };
-    // The child replaces 0-2 with its stdio; an fd of ours among them
-    // would be overwritten before it is used.
+    // The launcher replaces 0-2 with the stdio first; an fd of ours among
+    // them would be overwritten before it is used.
     if child_ends
         .iter()
-        .chain([&start_r, &report_w])
-        .any(|f| f.as_raw_fd() <= 2)
+        .map(AsRawFd::as_raw_fd)
+        .chain([start_r.as_raw_fd(), report_w.as_raw_fd(), exe.as_raw_fd()])
+        .any(|fd| fd <= 2)
     {
         return Err(SpawnError::new(
             "internal error: fds 0-2 are not open in the agent",
         ));
     }
+    let launch = Launch {
+        stdio: child_stdio,
+        start: start_r.as_raw_fd(),
+        report: report_w.as_raw_fd(),
+        exe: exe.as_raw_fd(),
+        argv: p.argv_ptrs.as_ptr(),
+        envp: p.envp_ptrs.as_ptr(),
+    };
 
     let registration = reaper().map_err(SpawnError::new)?;
     let registration = registration.lock();
-    // SAFETY: the child runs only `child::run`, which makes plain system
-    // calls on memory prepared before the fork and never returns.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: this is the freshly forked child and fds are its own.
-        unsafe { child::run(p, &fds) }
-    }
-    if pid < 0 {
-        return Err(SpawnError::new(format!(
-            "fork: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
+    let pid = launch::launch(&launch)
+        .map_err(|errno| SpawnError::new(format!("clone: {}", Errno::from_raw(errno).desc())))?;
     let exit = registration.watch(pid);
     drop(child_ends);
     drop(start_r);
