@@ -89,33 +89,23 @@ pub struct VmConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RestoreMemory {
     /// Mapped copy-on-write: VMs restored from one file share its pages
-    /// until they write them. For hardware-virtualized KVM.
+    /// until they write them. The default.
     Mapped,
-    /// Copied into the VM's own anonymous memory. On software KVM, guest
-    /// processes in VMs whose RAM is a private file mapping have been seen
-    /// to crash right after a fork (the host's copy-on-write of file pages
-    /// under the guest's own); copies avoid it, at the price of sharing.
+    /// Copied into the VM's own anonymous memory: each VM pays for every
+    /// page of the template, but none depends on the file after the
+    /// restore.
     Copied,
 }
 
-/// Overrides the host's choice of [`RestoreMemory`]: `mapped` or `copied`.
+/// Overrides the default [`RestoreMemory`]: `mapped` or `copied`.
 pub const RESTORE_MEMORY_ENV: &str = "SKIFF_RESTORE_MEMORY";
 
 impl RestoreMemory {
-    /// `SKIFF_RESTORE_MEMORY` when set to a known value, else the choice
-    /// for this host's KVM.
+    /// `SKIFF_RESTORE_MEMORY` when set to a known value, else mapped.
     pub fn auto() -> RestoreMemory {
         match std::env::var(RESTORE_MEMORY_ENV).as_deref() {
-            Ok("mapped") => RestoreMemory::Mapped,
             Ok("copied") => RestoreMemory::Copied,
-            _ => RestoreMemory::for_backend(crate::vmm::host::detect_backend()),
-        }
-    }
-
-    pub fn for_backend(backend: crate::vmm::host::KvmBackend) -> RestoreMemory {
-        match backend {
-            crate::vmm::host::KvmBackend::Hardware => RestoreMemory::Mapped,
-            crate::vmm::host::KvmBackend::Software => RestoreMemory::Copied,
+            _ => RestoreMemory::Mapped,
         }
     }
 }
