@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use common::artifact;
-use common::oci::HOST_DEFECT_SIGNS;
+use common::oci::{defect_lines, DEFECT_ATTEMPTS, HOST_DEFECT_SIGNS};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -170,9 +170,8 @@ fn wait_with_timeout(child: Child, f: &Fixture) -> Output {
 
 /// Runs one boot's assertions; while they fail with the guest console
 /// showing the host defect above, runs them again on a fresh VM, up to
-/// `ATTEMPTS` in all. Any other failure fails the test at once.
+/// `DEFECT_ATTEMPTS` in all. Any other failure fails the test at once.
 fn retry_on_host_defect(f: &Fixture, attempt: impl Fn(&Fixture)) {
-    const ATTEMPTS: usize = 3;
     for tried in 1.. {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt(f)));
         let Err(panic) = outcome else { return };
@@ -186,10 +185,19 @@ fn retry_on_host_defect(f: &Fixture, attempt: impl Fn(&Fixture)) {
         // in many (CI, three VMs at once): the guest kernel stood still.
         let console = f.console();
         let stuck_in_boot = console.contains("Linux version") && !console.contains("Run /init");
-        if tried == ATTEMPTS || !(HOST_DEFECT_SIGNS.iter().any(seen) || stuck_in_boot) {
+        if tried == DEFECT_ATTEMPTS || !(HOST_DEFECT_SIGNS.iter().any(seen) || stuck_in_boot) {
             std::panic::resume_unwind(panic);
         }
-        eprintln!("the host's exec defect killed a guest process (see the console); running the boot again");
+        let shown = if stuck_in_boot {
+            let lines: Vec<&str> = console.lines().collect();
+            lines[lines.len().saturating_sub(5)..].join("\n")
+        } else {
+            defect_lines(&console)
+        };
+        eprintln!(
+            "the host's exec defect killed a guest process, or the kernel stood still; \
+             running the boot again. The console:\n{shown}"
+        );
         let _ = std::fs::remove_file(f.path("console.log"));
         let _ = std::fs::remove_file(f.path("skiff.log"));
         // A first attempt that had to be killed may have left its run directory.

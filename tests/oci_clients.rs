@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::artifact;
 use common::containerd::{describe, Containerd, Runtime, BUSYBOX_IMAGE};
-use common::oci::HOST_DEFECT_SIGNS;
+use common::oci::{defect_lines, DEFECT_ATTEMPTS};
 use common::podman::{Podman, BUSYBOX_IMPORTED};
 
 /// The runtime every test here hands to the engines.
@@ -75,11 +75,10 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Runs `attempt`, and again (up to three times in all) while it fails
+/// Runs `attempt`, and again (up to `DEFECT_ATTEMPTS` in all) while it fails
 /// with a guest console showing the host defect above. Runtimes without
 /// guest consoles (runc) get exactly one attempt.
 fn retry_on_host_defect(runtime: &Runtime, attempt: impl Fn()) {
-    const ATTEMPTS: usize = 3;
     let consoles = runtime
         .env
         .iter()
@@ -88,16 +87,22 @@ fn retry_on_host_defect(runtime: &Runtime, attempt: impl Fn()) {
     for tried in 1.. {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&attempt));
         let Err(panic) = outcome else { return };
-        let defect = consoles.as_ref().is_some_and(|dir| {
-            std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| {
-                std::fs::read_to_string(e.path())
-                    .is_ok_and(|text| HOST_DEFECT_SIGNS.iter().any(|sign| text.contains(sign)))
-            })
-        });
-        if tried == ATTEMPTS || !defect {
+        let defect: Vec<String> = consoles
+            .iter()
+            .flat_map(std::fs::read_dir)
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .map(|text| defect_lines(&text))
+            .filter(|lines| !lines.is_empty())
+            .collect();
+        if tried == DEFECT_ATTEMPTS || defect.is_empty() {
             std::panic::resume_unwind(panic);
         }
-        eprintln!("the host's exec defect killed a guest process; running the attempt again");
+        eprintln!(
+            "the host's exec defect killed a guest process; running the attempt again. The console:\n{}",
+            defect.join("\n")
+        );
         if let Some(dir) = &consoles {
             let _ = std::fs::remove_dir_all(dir);
             let _ = std::fs::create_dir(dir);
