@@ -201,8 +201,8 @@ fn memory() -> [u64; 3] {
 
 fn idle_memory(setup: &Setup, snapshot: &Path) {
     let restore = Launch::Restore(snapshot.to_owned());
-    // Restored both ways: copying is what containers get on this kind of
-    // host; mapping is what hardware-virtualized hosts do.
+    // Restored both ways: mapped is what containers get by default,
+    // copied what SKIFF_RESTORE_MEMORY=copied gives.
     for (kind, launch, how) in [
         ("restored-mapped", restore.clone(), "mapped"),
         ("restored-copied", restore, "copied"),

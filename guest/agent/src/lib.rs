@@ -31,6 +31,9 @@ use skiff_protocol::{
 };
 
 use crate::log::{debug, info};
+// For the binary's `main` only: a waiter is the agent's binary run with
+// this flag (see `spawn`).
+#[doc(hidden)]
 pub use crate::spawn::{waiter_main, WAITER_FLAG};
 pub use crate::transport::Address;
 

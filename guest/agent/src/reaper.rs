@@ -57,7 +57,7 @@ pub fn reaper() -> Result<&'static Reaper, String> {
 }
 
 impl Reaper {
-    /// Locks the table. Fork while holding it and register the child with
+    /// Locks the table. Create the child while holding it and register it with
     /// [`Registration::watch`]: a child that dies at once is then reaped
     /// only after it is registered, so its status is never mistaken for an
     /// orphan's.

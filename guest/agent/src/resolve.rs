@@ -1,4 +1,4 @@
-//! Finding the executable of a process before forking it, so a missing or
+//! Finding the executable of a process before creating it, so a missing or
 //! unusable one is a `Failed` with a shell's exit code instead of a child
 //! that dies after `Start`.
 

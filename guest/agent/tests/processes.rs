@@ -22,6 +22,26 @@ fn output_goes_to_its_stream_and_the_exit_code_comes_back() {
 }
 
 #[test]
+fn a_process_starts_with_only_its_stdio_and_no_blocked_or_ignored_signals() {
+    // The agent keeps many descriptors and ignores SIGPIPE; none of it may
+    // reach the process. `ls` lists its own fds: 0-2 and the directory.
+    let o = run_init(process(&["ls", "/proc/self/fd"]), b"");
+    assert_eq!(o.stdout, "0\n1\n2\n3\n");
+    let o = run_init(process(&["cat", "/proc/self/status"]), b"");
+    let fields = |name: &str| {
+        o.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(fields("SigBlk:"), "0000000000000000", "{}", o.stdout);
+    assert_eq!(fields("SigIgn:"), "0000000000000000", "{}", o.stdout);
+    assert_eq!(fields("Name:"), "cat");
+}
+
+#[test]
 fn stdin_reaches_the_process_and_its_end_ends_cat() {
     let o = run_init(process(&["cat"]), b"hello\nworld\n");
     assert_eq!(o.stdout, "hello\nworld\n");
@@ -210,7 +230,7 @@ fn orphans_and_zombies_do_not_hold_up_the_end() {
 }
 
 #[test]
-fn missing_and_unusable_executables_fail_before_the_fork() {
+fn missing_and_unusable_executables_fail_before_the_process_exists() {
     let mut host = Host::new(Path::new("/"));
     let (error, code) = host.create(process(&["no-such-command-here"])).unwrap_err();
     assert_eq!(code, 127);

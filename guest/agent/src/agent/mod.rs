@@ -363,7 +363,7 @@ impl Agent {
             // Without its finisher nobody would report it; take it back.
             info!("{e}");
             self.state().procs.remove(id);
-            // SAFETY: kill on the pid we just forked, not yet reaped.
+            // SAFETY: kill on the pid just created, not yet reaped.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             self.send(&failed(id, e, 1));
             return false;

@@ -57,8 +57,9 @@ pub fn launch(launch: &Launch) -> Result<i32, i32> {
     let top = unsafe { stack.as_mut_ptr().add(STACK_SIZE) };
     let top = (top as usize & !15) as *mut libc::c_void;
     // No signal handler of the agent may run on the launcher's borrowed
-    // memory: everything is blocked across the clone, and the waiter
-    // resets the dispositions before it unblocks them.
+    // memory: every signal glibc lets a thread block is blocked across the
+    // clone (its two internal ones ignore other processes' signals), and
+    // the waiter resets the dispositions before it unblocks them.
     // SAFETY: sigset_t is plain data, initialised by sigfillset.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
@@ -113,9 +114,10 @@ fn install(report: RawFd, from: RawFd, to: RawFd) {
     check(report, Stage::Stdio, r);
 }
 
-/// The launcher: plain system calls only, on memory it borrows from the
-/// agent, whose other threads run on meanwhile (locks they hold stay
-/// held, so nothing here may allocate).
+/// The launcher: plain system calls only. It runs on the agent's memory
+/// under the suspended thread's identity (its thread-local storage, errno
+/// and malloc caches, while that thread holds the reaper's table), so it
+/// must not allocate, lock or touch anything of the agent's but `l`.
 ///
 /// # Safety
 /// Only in a child made by [`launch`], with `l`'s descriptors open.
@@ -154,11 +156,12 @@ unsafe fn run(l: &Launch) -> ! {
         check(l.report, Stage::Waiter, report);
         check(report, Stage::Waiter, libc::dup2(start, START_FD));
         check(report, Stage::Waiter, libc::dup2(report, REPORT_FD));
-        // Nothing else of the agent's may stay open in the process: not
-        // even close-on-exec ones, which a sibling launched at the same
-        // moment could still hold while it waits for `Start`.
+        // Whatever the agent inherited without close-on-exec (a test
+        // harness's descriptors, say) must not reach the process either.
         let exe = exe as libc::c_uint;
-        libc::close_range(above as libc::c_uint, exe - 1, 0);
+        if exe > above as libc::c_uint {
+            libc::close_range(above as libc::c_uint, exe - 1, 0);
+        }
         libc::close_range(exe + 1, libc::c_uint::MAX, 0);
 
         libc::syscall(
@@ -169,6 +172,12 @@ unsafe fn run(l: &Launch) -> ! {
             l.envp,
             libc::AT_EMPTY_PATH,
         );
-        fail(REPORT_FD, Stage::Waiter, errno(), 1)
+        let err = errno();
+        // The process's arguments and environment are too big for any
+        // execve: its own exec would have failed the same way.
+        if err == libc::E2BIG {
+            fail(REPORT_FD, Stage::Exec, err, 126)
+        }
+        fail(REPORT_FD, Stage::Waiter, err, 1)
     }
 }

@@ -89,8 +89,8 @@ pub enum Stdio {
 
 /// Everything the process needs, built in the agent.
 pub struct Prepared {
-    /// The waiter's argument vector: its flag, the plan, then the
-    /// process's own arguments. The pointer arrays point into these.
+    /// The waiter's argument vector: its name, its flag, the plan, then
+    /// the process's own arguments. The pointer arrays point into these.
     _argv: Vec<CString>,
     argv_ptrs: Vec<*const libc::c_char>,
     _envp: Vec<CString>,
@@ -242,6 +242,22 @@ impl Failure {
         self.0.read_exact(&mut record).ok()?;
         Stage::decode(record)
     }
+
+    /// The record if it is there already, without waiting.
+    fn ready(&mut self) -> Option<(Stage, i32)> {
+        let mut fd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no waiting.
+        let n = unsafe { libc::poll(&mut fd, 1, 0) };
+        if n == 1 && fd.revents & libc::POLLIN != 0 {
+            self.take()
+        } else {
+            None
+        }
+    }
 }
 
 fn cloexec_pipe() -> Result<(File, File), SpawnError> {
@@ -322,15 +338,26 @@ pub fn spawn(p: &Prepared) -> Result<Spawned, SpawnError> {
     let registration = registration.lock();
     let pid = launch::launch(&launch)
         .map_err(|errno| SpawnError::new(format!("clone: {}", Errno::from_raw(errno).desc())))?;
-    let exit = registration.watch(pid);
     drop(child_ends);
     drop(start_r);
     drop(report_w);
+    let mut failure = Failure(report_r);
+    // `clone` returned after the launcher executed the waiter or gave up,
+    // so a launch that failed has its record in the pipe now and is a
+    // failure to create, not an exit after `Start`. Its launcher is reaped
+    // as an orphan.
+    if let Some((stage, errno)) = failure.ready() {
+        return Err(SpawnError {
+            message: p.describe_failure(stage, errno),
+            exit_code: if stage == Stage::Exec { 126 } else { 1 },
+        });
+    }
+    let exit = registration.watch(pid);
     Ok(Spawned {
         pid,
         exit,
         start: start_w,
-        failure: Failure(report_r),
+        failure,
         stdio,
     })
 }

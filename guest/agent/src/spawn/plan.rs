@@ -1,7 +1,7 @@
 //! What a waiter needs to turn itself into the container's process, handed
 //! over in its argument vector: the agent computes it, the waiter applies
-//! it. It is a private contract between one agent binary and itself (the
-//! waiter is that same binary), so it has no version.
+//! it. Both ends are built from the same source (the waiter is the agent's
+//! own binary), so the contract has no version.
 
 use serde::{Deserialize, Serialize};
 
@@ -10,7 +10,8 @@ use super::creds::{CapPlan, Resource};
 /// The waiter's `argv[1]`; `argv[2]` is the plan as JSON and the rest is
 /// the process's own argument vector.
 pub const WAITER_FLAG: &str = "--skiff-waiter";
-/// The waiter's `argv[0]`, as `ps` shows it until `Start`.
+/// The waiter's `argv[0]` and command name, as `ps` shows it until
+/// `Start`.
 pub const WAITER_NAME: &str = "skiff-waiter";
 /// Where the first process's arguments start in the waiter's `argv`.
 pub const ARGS_AT: usize = 3;

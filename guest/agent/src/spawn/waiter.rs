@@ -18,21 +18,11 @@ extern "C" {
 
 /// Runs the waiter; never returns.
 pub fn main() -> ! {
-    // Dispositions the agent set (ignored SIGPIPE, SIGTERM as PID 1) and
-    // the one Rust's runtime just set would be inherited; a process starts
-    // with defaults and no blocked signals, and gets them now so a `Signal`
-    // before `Start` already works.
-    // SAFETY: resetting dispositions and the mask installs no handlers.
-    unsafe {
-        for sig in 1..=libc::SIGRTMAX() {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-        }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-    }
+    reset_signals();
+    // Its command name would otherwise be the descriptor it was executed
+    // from.
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"skiff-waiter".as_ptr()) };
     let args: Vec<OsString> = std::env::args_os().collect();
     let Some(plan) = args.get(ARGS_AT - 1).and_then(|p| Plan::decode(p.as_bytes())) else {
         fail(REPORT_FD, Stage::Plan, libc::EINVAL, 1)
@@ -58,7 +48,7 @@ pub fn main() -> ! {
         // From now on end-of-file on it means `execve` worked.
         check(
             REPORT_FD,
-            Stage::Exec,
+            Stage::Waiter,
             libc::fcntl(REPORT_FD, libc::F_SETFD, libc::FD_CLOEXEC),
         );
         // Before the uid changes: the new user may not be able to reach it.
@@ -87,6 +77,55 @@ pub fn main() -> ! {
         126
     };
     fail(REPORT_FD, Stage::Exec, err, code)
+}
+
+/// The kernel's `struct sigaction` on x86_64, for `rt_sigaction` itself.
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Gives every signal its default disposition and unblocks them all.
+/// Dispositions the agent set (ignored SIGPIPE, SIGTERM as PID 1), the
+/// ones Rust's runtime just set, and ignored ones the agent inherited
+/// would otherwise carry over, and a `Signal` before `Start` must already
+/// work as on a fresh process. The system calls directly, since glibc
+/// refuses to touch the two signals it keeps for itself, which this
+/// single-threaded process no longer needs.
+fn reset_signals() {
+    let default = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    let none: u64 = 0;
+    let size = std::mem::size_of::<u64>();
+    // SAFETY: rt_sigaction and rt_sigprocmask read the structures above,
+    // which match the kernel's layout and size, and write nothing.
+    unsafe {
+        for sig in 1..=libc::SIGRTMAX() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &raw const default,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    size,
+                );
+            }
+        }
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &raw const none,
+            std::ptr::null_mut::<u64>(),
+            size,
+        );
+    }
 }
 
 /// Blocks until the agent writes the `Start` byte; exits if it drops the
