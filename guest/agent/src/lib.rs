@@ -31,10 +31,6 @@ use skiff_protocol::{
 };
 
 use crate::log::{debug, info};
-// For the binary's `main` only: a waiter is the agent's binary run with
-// this flag (see `spawn`).
-#[doc(hidden)]
-pub use crate::spawn::{waiter_main, WAITER_FLAG};
 pub use crate::transport::Address;
 
 /// How long the agent tries to reach the host: the VMM may set up its
@@ -63,10 +59,6 @@ pub struct Config {
     pub mode: Mode,
     /// Log every step to stderr.
     pub debug: bool,
-    /// The agent's own binary, executed as each process's waiter until its
-    /// `Start` (see `spawn`). It is opened before the agent changes its
-    /// root, so it need not be reachable from the container's.
-    pub agent_exe: PathBuf,
 }
 
 impl Config {
@@ -83,7 +75,6 @@ impl Config {
             },
             mode: Mode::Vm,
             debug,
-            agent_exe: PathBuf::from("/proc/self/exe"),
         }
     }
 }
@@ -107,7 +98,6 @@ pub fn run(config: Config) -> Result<(), String> {
             Some(root)
         }
     };
-    spawn::open_agent_exe(&config.agent_exe)?;
     reaper::reaper()?;
     // Listening before saying Ready: the host may connect streams as soon
     // as it has heard from the agent.

@@ -1,14 +1,13 @@
 //! An OCI process's identity and limits translated, in the agent, into
-//! the values the waiter hands straight to the kernel.
+//! the values the process hands straight to the kernel.
 
-use caps::{CapSet, Capability, CapsHashSet};
+use caps::{Capability, CapsHashSet};
 use oci_spec::runtime::{Capabilities, LinuxCapabilities, PosixRlimit, PosixRlimitType, Process};
-use serde::{Deserialize, Serialize};
 
 use crate::log::info;
 
 /// The capability sets to apply, resolved to the `caps` crate's names.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CapPlan {
     /// Bounding-set members the kernel has that the spec does not list.
     pub drop_bounding: Vec<Capability>,
@@ -37,15 +36,62 @@ impl CapPlan {
         }
     }
 
-    /// The sets in the order `capset` accepts them: the effective set
-    /// shrinks first (it must stay within the permitted set), the
-    /// inheritable set while the permitted set still covers it.
-    pub fn base_sets(&self) -> [(CapSet, &CapsHashSet); 3] {
-        [
-            (CapSet::Effective, &self.effective),
-            (CapSet::Inheritable, &self.inheritable),
-            (CapSet::Permitted, &self.permitted),
-        ]
+    /// The plan as the kernel takes it.
+    pub fn masks(&self) -> CapMasks {
+        let mask = |set: &CapsHashSet| set.iter().fold(0u64, |m, c| m | (1u64 << c.index()));
+        CapMasks {
+            drop_bounding: self.drop_bounding.iter().map(|c| c.index()).collect(),
+            effective: mask(&self.effective),
+            permitted: mask(&self.permitted),
+            inheritable: mask(&self.inheritable),
+            ambient: self.ambient.iter().map(|c| c.index()).collect(),
+        }
+    }
+}
+
+/// Capability numbers and sets, ready for `prctl` and `capset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapMasks {
+    pub drop_bounding: Vec<u8>,
+    pub effective: u64,
+    pub permitted: u64,
+    pub inheritable: u64,
+    pub ambient: Vec<u8>,
+}
+
+/// `struct __user_cap_header_struct`.
+#[repr(C)]
+pub struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+/// `struct __user_cap_data_struct`; version 3 takes two, low word first.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets.
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+impl CapMasks {
+    /// `capset`'s arguments for the calling thread, all three sets at once
+    /// (the kernel checks them together against the sets before the call).
+    pub fn capset_args(&self) -> (CapHeader, [CapData; 2]) {
+        let word = |i: u32| CapData {
+            effective: (self.effective >> (32 * i)) as u32,
+            permitted: (self.permitted >> (32 * i)) as u32,
+            inheritable: (self.inheritable >> (32 * i)) as u32,
+        };
+        let header = CapHeader {
+            version: CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        (header, [word(0), word(1)])
     }
 }
 
@@ -127,5 +173,22 @@ mod tests {
         assert_eq!(plan.ambient, [Capability::CAP_CHOWN, Capability::CAP_KILL]);
         assert!(!plan.drop_bounding.contains(&Capability::CAP_CHOWN));
         assert!(plan.drop_bounding.contains(&Capability::CAP_SYS_ADMIN));
+
+        let masks = plan.masks();
+        let (kill, chown) = (Capability::CAP_KILL.index(), Capability::CAP_CHOWN.index());
+        let kill_and_chown = (1u64 << kill) | (1u64 << chown);
+        assert_eq!(masks.effective, kill_and_chown);
+        assert_eq!((masks.permitted, masks.inheritable), (0, 0));
+        assert_eq!(masks.ambient, [chown, kill]);
+        assert!(masks.drop_bounding.contains(&Capability::CAP_SYS_ADMIN.index()));
+        let (_, data) = masks.capset_args();
+        assert_eq!(data[0].effective, kill_and_chown as u32);
+        assert_eq!(data[1].effective, 0);
+        // CAP_CHECKPOINT_RESTORE (40) lands in the high word.
+        let high = CapMasks {
+            effective: 1 << 40,
+            ..masks
+        };
+        assert_eq!(high.capset_args().1[1].effective, 1 << 8);
     }
 }

@@ -1,13 +1,12 @@
 //! Creating a container process: everything that can be checked or
-//! allocated is done in the agent, then a launcher executes the agent's own
-//! binary as the process's waiter (see `launch`), which waits on a pipe for
-//! the host's `Start` before it `execve`s the process.
+//! allocated is done in the agent; the process is then created sharing the
+//! agent's memory (see `launch`) and waits on a pipe for the host's `Start`
+//! before it `execve`s.
 
+mod child;
 mod creds;
 mod launch;
-mod plan;
 mod report;
-mod waiter;
 
 use std::ffi::CString;
 use std::fs::File;
@@ -16,7 +15,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
-use std::sync::OnceLock;
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
@@ -25,31 +24,15 @@ use nix::unistd::pipe2;
 use oci_spec::runtime::{PosixRlimitType, Process};
 use skiff_protocol::ExitStatus;
 
+use child::{ChildFds, ChildStdio};
+use creds::CapMasks;
 pub use creds::CapPlan;
-use launch::{ChildStdio, Launch};
-pub use plan::WAITER_FLAG;
-use plan::{Plan, Rlimit, WAITER_NAME};
 pub use report::Stage;
 use report::RECORD_LEN;
-pub use waiter::main as waiter_main;
 
 use crate::passwd;
 use crate::reaper::reaper;
 use crate::resolve::{self, in_root};
-
-/// The agent's binary, opened before the agent changes its root: each
-/// process's waiter is executed from it.
-static AGENT_EXE: OnceLock<OwnedFd> = OnceLock::new();
-
-/// Opens the agent's binary for later waiters; the first call decides.
-pub fn open_agent_exe(path: &Path) -> Result<(), String> {
-    if AGENT_EXE.get().is_some() {
-        return Ok(());
-    }
-    let file = File::open(path).map_err(|e| format!("opening the agent's binary {}: {e}", path.display()))?;
-    let _ = AGENT_EXE.set(OwnedFd::from(file));
-    Ok(())
-}
 
 /// Why a process could not be created, with a shell's status for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,24 +70,38 @@ pub enum Stdio {
     Terminal { master: File },
 }
 
-/// Everything the process needs, built in the agent.
-pub struct Prepared {
-    /// The waiter's argument vector: its name, its flag, the plan, then
-    /// the process's own arguments. The pointer arrays point into these.
+/// Everything the process needs, built in the agent. Shared with the
+/// process until it executes (it reads this memory, not a copy), so it is
+/// never changed after it is built.
+#[derive(Clone)]
+pub struct Prepared(Arc<Plan>);
+
+struct Plan {
+    exe: CString,
+    // The pointer arrays point into these.
     _argv: Vec<CString>,
     argv_ptrs: Vec<*const libc::c_char>,
     _envp: Vec<CString>,
     envp_ptrs: Vec<*const libc::c_char>,
-    plan: Plan,
-    /// For messages about failures.
-    rlimit_types: Vec<PosixRlimitType>,
+    cwd: CString,
+    rlimits: Vec<(creds::Resource, libc::rlimit, PosixRlimitType)>,
+    umask: libc::mode_t,
+    groups: Vec<libc::gid_t>,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    caps: Option<CapMasks>,
+    no_new_privileges: bool,
     terminal: Option<Winsize>,
+    /// For messages about failures.
     exe_path: PathBuf,
 }
 
 // SAFETY: the raw pointers point into the CStrings owned alongside them,
-// whose heap buffers stay put when the struct moves to another thread.
-unsafe impl Send for Prepared {}
+// whose heap buffers never move and are never written after the plan is
+// built; every thread (and the process itself) only reads them.
+unsafe impl Send for Plan {}
+// SAFETY: as above.
+unsafe impl Sync for Plan {}
 
 fn cstring(what: &str, bytes: &[u8]) -> Result<CString, SpawnError> {
     CString::new(bytes).map_err(|_| SpawnError::new(format!("{what} contains a NUL byte")))
@@ -160,71 +157,48 @@ impl Prepared {
                 ws_ypixel: 0,
             }
         });
-        let rlimits = creds::rlimits(process);
-        let plan = Plan {
-            exe: exe_path.as_os_str().as_bytes().to_vec(),
-            cwd: in_root(root, &cwd).as_os_str().as_bytes().to_vec(),
-            rlimits: rlimits
-                .iter()
-                .map(|(resource, limit, _)| Rlimit {
-                    resource: *resource,
-                    soft: limit.rlim_cur,
-                    hard: limit.rlim_max,
-                })
-                .collect(),
+        Ok(Prepared(Arc::new(Plan {
+            exe: cstring("the executable's path", exe_path.as_os_str().as_bytes())?,
+            argv_ptrs: pointers(&argv),
+            _argv: argv,
+            envp_ptrs: pointers(&envp),
+            _envp: envp,
+            cwd: cstring("process.cwd", in_root(root, &cwd).as_os_str().as_bytes())?,
+            rlimits: creds::rlimits(process),
             umask: user.umask().unwrap_or(0o022) as libc::mode_t,
             groups: user.additional_gids().clone().unwrap_or_default(),
             uid: user.uid(),
             gid: user.gid(),
-            caps: process.capabilities().as_ref().map(CapPlan::from_spec),
+            caps: process
+                .capabilities()
+                .as_ref()
+                .map(|spec| CapPlan::from_spec(spec).masks()),
             no_new_privileges: process.no_new_privileges().unwrap_or(false),
-        };
-        // Checked here so the waiter's own checks cannot fail on them.
-        cstring("the executable's path", &plan.exe)?;
-        cstring("process.cwd", &plan.cwd)?;
-        let mut waiter_argv = vec![
-            cstring("the waiter's name", WAITER_NAME.as_bytes())?,
-            cstring("the waiter's flag", WAITER_FLAG.as_bytes())?,
-            cstring("the process's plan", plan.encode().as_bytes())?,
-        ];
-        waiter_argv.extend(argv);
-        Ok(Prepared {
-            argv_ptrs: pointers(&waiter_argv),
-            _argv: waiter_argv,
-            envp_ptrs: pointers(&envp),
-            _envp: envp,
-            plan,
-            rlimit_types: rlimits.into_iter().map(|(_, _, typ)| typ).collect(),
             terminal,
             exe_path,
-        })
+        })))
     }
 
     /// The message for a failure the process reported.
     pub fn describe_failure(&self, stage: Stage, errno: i32) -> String {
+        let p = &self.0;
         let err = Errno::from_raw(errno).desc();
-        let plan = &self.plan;
         let what = match stage {
             Stage::Stdio => "setting up stdio".to_string(),
             Stage::Terminal => "making the terminal the controlling terminal".to_string(),
-            Stage::Chdir => format!("chdir to `{}`", String::from_utf8_lossy(&plan.cwd)),
-            Stage::Rlimit(i) => {
-                let i = usize::from(i);
-                match (plan.rlimits.get(i), self.rlimit_types.get(i)) {
-                    (Some(limit), Some(typ)) => format!("setting {typ} to {}/{}", limit.soft, limit.hard),
-                    _ => "setting an rlimit".to_string(),
-                }
-            }
-            Stage::Groups => format!("setting additional gids {:?}", plan.groups),
-            Stage::Gid => format!("setting gid {}", plan.gid),
-            Stage::Uid => format!("setting uid {}", plan.uid),
+            Stage::Chdir => format!("chdir to `{}`", String::from_utf8_lossy(p.cwd.as_bytes())),
+            Stage::Rlimit(i) => match p.rlimits.get(usize::from(i)) {
+                Some((_, limit, typ)) => format!("setting {typ} to {}/{}", limit.rlim_cur, limit.rlim_max),
+                None => "setting an rlimit".to_string(),
+            },
+            Stage::Groups => format!("setting additional gids {:?}", p.groups),
+            Stage::Gid => format!("setting gid {}", p.gid),
+            Stage::Uid => format!("setting uid {}", p.uid),
             Stage::Bounding => "dropping from the capability bounding set".to_string(),
             Stage::Capabilities => "setting capabilities".to_string(),
             Stage::Ambient => "raising ambient capabilities".to_string(),
             Stage::NoNewPrivileges => "setting no_new_privs".to_string(),
-            Stage::Exec => format!("exec `{}`", self.exe_path.display()),
-            Stage::Waiter => "executing the agent's binary as the process's waiter".to_string(),
-            Stage::Plan => "the waiter could not read its plan".to_string(),
+            Stage::Exec => format!("exec `{}`", p.exe_path.display()),
         };
         format!("{what}: {err}")
     }
@@ -235,28 +209,12 @@ impl Prepared {
 pub struct Failure(File);
 
 impl Failure {
-    /// Reads the record once the waiter is gone (its write end closed by
+    /// Reads the record once the process is gone (its write end closed by
     /// `execve` or exit): `None` when it got as far as `execve`.
     pub fn take(&mut self) -> Option<(Stage, i32)> {
         let mut record = [0u8; RECORD_LEN];
         self.0.read_exact(&mut record).ok()?;
         Stage::decode(record)
-    }
-
-    /// The record if it is there already, without waiting.
-    fn ready(&mut self) -> Option<(Stage, i32)> {
-        let mut fd = libc::pollfd {
-            fd: self.0.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, no waiting.
-        let n = unsafe { libc::poll(&mut fd, 1, 0) };
-        if n == 1 && fd.revents & libc::POLLIN != 0 {
-            self.take()
-        } else {
-            None
-        }
     }
 }
 
@@ -274,14 +232,12 @@ fn set_cloexec(fd: &OwnedFd) -> Result<(), SpawnError> {
 /// Creates the process described by `p`, stopped before `execve` until a
 /// byte is written to [`Spawned::start`].
 pub fn spawn(p: &Prepared) -> Result<Spawned, SpawnError> {
-    let exe = AGENT_EXE
-        .get()
-        .ok_or_else(|| SpawnError::new("internal error: the agent's binary was not opened"))?;
     let (start_r, start_w) = cloexec_pipe()?;
     let (report_r, report_w) = cloexec_pipe()?;
+    let (ready_r, ready_w) = cloexec_pipe()?;
     // The agent's ends go to `Stdio`, the process's are closed once it has
     // its copies.
-    let (stdio, child_ends): (Stdio, Vec<File>) = match &p.terminal {
+    let (stdio, child_ends): (Stdio, Vec<File>) = match &p.0.terminal {
         Some(size) => {
             let pty =
                 openpty(Some(size), None).map_err(|e| SpawnError::new(format!("opening a pty: {e}")))?;
@@ -313,46 +269,46 @@ pub fn spawn(p: &Prepared) -> Result<Spawned, SpawnError> {
         },
         _ => return Err(SpawnError::new("internal error: unexpected stdio ends")),
     };
-    // The launcher replaces 0-2 with the stdio first; an fd of ours among
-    // them would be overwritten before it is used.
+    let fds = ChildFds {
+        stdio: child_stdio,
+        start: start_r.as_raw_fd(),
+        report: report_w.as_raw_fd(),
+        ready: ready_w.as_raw_fd(),
+    };
+    // The process replaces 0-2 with its stdio; an fd of ours among them
+    // would be overwritten before it is used.
     if child_ends
         .iter()
-        .map(AsRawFd::as_raw_fd)
-        .chain([start_r.as_raw_fd(), report_w.as_raw_fd(), exe.as_raw_fd()])
-        .any(|fd| fd <= 2)
+        .chain([&start_r, &report_w, &ready_w])
+        .any(|f| f.as_raw_fd() <= 2)
     {
         return Err(SpawnError::new(
             "internal error: fds 0-2 are not open in the agent",
         ));
     }
-    let launch = Launch {
-        stdio: child_stdio,
-        start: start_r.as_raw_fd(),
-        report: report_w.as_raw_fd(),
-        exe: exe.as_raw_fd(),
-        argv: p.argv_ptrs.as_ptr(),
-        envp: p.envp_ptrs.as_ptr(),
-    };
 
     let registration = reaper().map_err(SpawnError::new)?;
     let registration = registration.lock();
-    let pid = launch::launch(&launch)
-        .map_err(|errno| SpawnError::new(format!("clone: {}", Errno::from_raw(errno).desc())))?;
+    let pid = launch::launch(Arc::clone(&p.0), fds).map_err(SpawnError::new)?;
+    let exit = registration.watch(pid);
+    // The process has its own table of descriptors by now.
     drop(child_ends);
     drop(start_r);
     drop(report_w);
+    drop(ready_w);
     let mut failure = Failure(report_r);
-    // `clone` returned after the launcher executed the waiter or gave up,
-    // so a launch that failed has its record in the pipe now and is a
-    // failure to create, not an exit after `Start`. Its launcher is reaped
-    // as an orphan.
-    if let Some((stage, errno)) = failure.ready() {
-        return Err(SpawnError {
-            message: p.describe_failure(stage, errno),
-            exit_code: if stage == Stage::Exec { 126 } else { 1 },
-        });
+    // One byte once its stdio is in place and the agent's other
+    // descriptors are closed; end-of-file if it failed on the way, so
+    // that is a failure to create, not an exit after `Start`.
+    let mut byte = [0u8; 1];
+    let mut ready = ready_r;
+    if !matches!(ready.read(&mut byte), Ok(1)) {
+        let message = failure
+            .take()
+            .map(|(stage, errno)| p.describe_failure(stage, errno))
+            .unwrap_or_else(|| "the process ended while it was being set up".to_string());
+        return Err(SpawnError::new(message));
     }
-    let exit = registration.watch(pid);
     Ok(Spawned {
         pid,
         exit,

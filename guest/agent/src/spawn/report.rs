@@ -19,10 +19,6 @@ pub enum Stage {
     Ambient,
     NoNewPrivileges,
     Exec,
-    /// Executing the agent's own binary as the process's waiter.
-    Waiter,
-    /// The waiter could not read the plan it was given.
-    Plan,
 }
 
 pub const RECORD_LEN: usize = 8;
@@ -41,8 +37,6 @@ impl Stage {
             Stage::Ambient => 9,
             Stage::NoNewPrivileges => 10,
             Stage::Exec => 11,
-            Stage::Waiter => 12,
-            Stage::Plan => 13,
             Stage::Rlimit(i) => 0x1_0000 + u32::from(i),
         }
     }
@@ -63,8 +57,6 @@ impl Stage {
             9 => Stage::Ambient,
             10 => Stage::NoNewPrivileges,
             11 => Stage::Exec,
-            12 => Stage::Waiter,
-            13 => Stage::Plan,
             c if c >= 0x1_0000 => Stage::Rlimit(u16::try_from(c - 0x1_0000).ok()?),
             _ => return None,
         };
@@ -91,7 +83,7 @@ pub fn fail(report: libc::c_int, stage: Stage, err: i32, code: i32) -> ! {
     let record = stage.encode(err);
     // SAFETY: record is valid for its length; _exit ends the process
     // without running atexit handlers or destructors, which belong to the
-    // agent's memory in the launcher and are not wanted in the waiter.
+    // agent, whose memory the process shares.
     unsafe {
         libc::write(report, record.as_ptr().cast(), record.len());
         libc::_exit(code)
@@ -125,8 +117,6 @@ mod tests {
             Stage::Ambient,
             Stage::NoNewPrivileges,
             Stage::Exec,
-            Stage::Waiter,
-            Stage::Plan,
         ];
         for stage in stages {
             assert_eq!(

@@ -118,7 +118,6 @@ impl Host {
                 root: root.to_path_buf(),
             },
             debug: std::env::var_os("SKIFF_AGENT_DEBUG").is_some(),
-            agent_exe: PathBuf::from(env!("CARGO_BIN_EXE_skiff-agent")),
         };
         let agent = std::thread::spawn(move || skiff_agent::run(config));
         listener.set_nonblocking(true).unwrap();
