@@ -112,7 +112,9 @@ pub fn delete(globals: &Globals, args: DeleteArgs) -> anyhow::Result<i32> {
     let _lock = container.lock()?;
     let (record, status) = container.current()?;
     match status {
-        Status::Stopped => {}
+        // The monitor records the end before it has unmapped the guest and
+        // exited; delete leaves no process behind.
+        Status::Stopped => await_monitor_exit(&record),
         // As runc: a container that never ran goes without --force.
         Status::Created | Status::Creating => stop(&container, &record),
         Status::Running | Status::Paused if args.force => stop(&container, &record),
@@ -201,6 +203,12 @@ fn stop(container: &Container, record: &Record) {
     if call(container, &kill).is_err() {
         kill_monitor(record);
     }
+    await_monitor_exit(record);
+}
+
+/// Waits for the container's monitor to exit, and kills it if it takes
+/// longer than [`MONITOR_EXIT_GRACE`].
+fn await_monitor_exit(record: &Record) {
     let deadline = Instant::now() + MONITOR_EXIT_GRACE;
     while state::monitor_alive(record) {
         if Instant::now() > deadline {
