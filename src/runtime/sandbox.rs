@@ -32,6 +32,11 @@ pub const START_RETRIES: u32 = 20;
 pub const START_RETRY_DELAY: Duration = Duration::from_millis(250);
 /// How long the agent may take to power the VM off after `Shutdown`.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long a restored guest's agent has to reconnect. It takes about
+/// 0.1 s even on software KVM; one that has not after this long never
+/// will (such a guest has been seen idle with its agent asleep), and the
+/// caller boots cold instead.
+const RESTORE_RECONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The machine a container gets, whatever it runs.
 #[derive(Clone, Debug)]
@@ -241,7 +246,11 @@ impl Sandbox {
             ready_at: booted_at,
             guest_uptime_ms: 0,
         };
-        let mut control = sandbox.accept_agent(&listener, cancel)?;
+        let deadline = match launch {
+            Launch::Boot => None,
+            Launch::Restore(_) => Some(Instant::now() + RESTORE_RECONNECT_TIMEOUT),
+        };
+        let mut control = sandbox.accept_agent(&listener, cancel, deadline)?;
         drop(listener);
         let _ = std::fs::remove_file(&control_path);
         match read_frame::<_, AgentMessage>(&mut control) {
@@ -300,7 +309,12 @@ impl Sandbox {
         self.snapshot.snapshot(dir).map_err(RuntimeError::from)
     }
 
-    fn accept_agent(&mut self, listener: &UnixListener, cancel: &Cancel) -> Result<UnixStream, RuntimeError> {
+    fn accept_agent(
+        &mut self,
+        listener: &UnixListener,
+        cancel: &Cancel,
+        deadline: Option<Instant>,
+    ) -> Result<UnixStream, RuntimeError> {
         loop {
             match listener.accept() {
                 Ok((stream, _)) => {
@@ -314,6 +328,12 @@ impl Sandbox {
             }
             if cancel.is_cancelled() {
                 return Err(RuntimeError::VmEnded("cancelled while booting".into()));
+            }
+            if deadline.is_some_and(|d| Instant::now() > d) {
+                return Err(RuntimeError::Agent(format!(
+                    "the restored guest's agent did not reconnect within {} s",
+                    RESTORE_RECONNECT_TIMEOUT.as_secs()
+                )));
             }
             match self.events.recv_timeout(Duration::from_millis(20)) {
                 Ok(Event::Vm(end)) => {

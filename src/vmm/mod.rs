@@ -384,12 +384,6 @@ impl Vm {
                 transports.len()
             )));
         }
-        let mut mmio = MmioBus::default();
-        for ((base, mut transport), state) in transports.into_iter().zip(&saved.devices) {
-            transport.restore(state)?;
-            mmio.add(base, transport);
-        }
-
         let mut fds = Vec::with_capacity(saved.vcpus.len());
         for (index, state) in saved.vcpus.iter().enumerate() {
             let fd = vm_fd
@@ -404,6 +398,17 @@ impl Vm {
             let _ = fd.kvmclock_ctrl();
             fds.push(fd);
         }
+        // The devices after the vCPUs: a restored device may raise an
+        // interrupt at once (vsock announces its transport reset from its
+        // own thread), and a vCPU's saved local APIC, set later, would
+        // overwrite it, or the I/O APIC would find no CPU to deliver it to.
+        // Lost, the guest agent slept on, never learning to reconnect.
+        let mut mmio = MmioBus::default();
+        for ((base, mut transport), state) in transports.into_iter().zip(&saved.devices) {
+            transport.restore(state)?;
+            mmio.add(base, transport);
+        }
+
         let cpuid_hash = saved.cpuid_hash.clone();
         let vm = machine.finish(config.console, mmio, fds, cpuid_hash, Some(&saved.serial))?;
         tracing::debug!(
