@@ -1,12 +1,16 @@
 //! The code the process runs up to `execve`. It runs on the agent's memory
 //! while the agent's other threads run on (see `launch`), under the
-//! identity of the launching thread, which is suspended: its thread-local
-//! storage, errno and malloc caches. So everything here is a plain system
-//! call on values prepared in the agent, nothing allocates or locks, and
-//! failures go to the agent as a fixed-size record (see `report`). The
-//! calls that glibc would broadcast to every thread it believes it has
-//! (setgroups, setresgid, setresuid), or refuses for its own signals, are
-//! made directly.
+//! identity of its launcher thread, which is suspended: that thread's
+//! thread-local storage, errno and cancellation state are the ones glibc's
+//! wrappers (`read`, `write`, `close` among them) touch here. So everything
+//! here is a system call on values prepared in the agent, nothing
+//! allocates or locks, and failures go to the agent as a fixed-size record
+//! (see `report`). The calls that glibc would broadcast to every thread it
+//! believes it has (setgroups, setresgid, setresuid), or refuses for its
+//! own signals, are made directly. For the same reason the agent itself
+//! must never use glibc's set*id functions: they would wait for every
+//! launcher to answer a signal, and a launcher whose process waits for
+//! `Start` cannot.
 
 use std::os::fd::RawFd;
 
@@ -125,7 +129,7 @@ fn close_all_but(first: RawFd, keep: &[RawFd]) {
 /// Only in a process made by `launch`, with `fds` valid in its table.
 pub unsafe fn run(p: &Plan, fds: &ChildFds) -> ! {
     reset_dispositions();
-    // SAFETY: plain system calls on values prepared by the agent.
+    // SAFETY: system calls on values prepared by the agent.
     unsafe {
         // Its own session (and process group), so a terminal can be its
         // controlling terminal and `Signal` can reach the whole group.
@@ -160,7 +164,7 @@ pub unsafe fn run(p: &Plan, fds: &ChildFds) -> ! {
     }
     // From here a `Signal` before `Start` works as on any process.
     unblock_signals();
-    // SAFETY: plain system calls on values prepared by the agent.
+    // SAFETY: system calls on values prepared by the agent.
     unsafe {
         let mut byte = 0u8;
         loop {

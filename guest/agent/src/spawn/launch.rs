@@ -8,14 +8,23 @@
 //! waiting children to die before `Start`. Real hardware has no such
 //! trouble, but the cure costs nothing there either: the process is
 //! created with `CLONE_VM | CLONE_VFORK`, so it runs on the agent's memory
-//! instead of a copy until its `execve` gives it its own. A thread of the
-//! agent's, made for it, stays suspended in `clone` until then, as
-//! `posix_spawn`'s caller does; the process makes only system calls (see
-//! `child`) on its own stack and on the plan, which that thread keeps
-//! alive.
+//! instead of a copy until its `execve` gives it its own. A launcher thread
+//! of the agent's stays suspended in `clone` until then, as `posix_spawn`'s
+//! caller does; the process makes only system calls (see `child`) on a
+//! stack of its own and on the plan, which the launcher keeps alive.
+//!
+//! Launchers never exit, and wait for the next process once theirs has
+//! executed: the kernel sends a process's parent-death signal when the
+//! thread that created it exits, so a launcher that ended would fire a
+//! `PR_SET_PDEATHSIG` the process had just set (as `tini -p` does). Their
+//! number is the most processes ever waiting for `Start` at once.
+//!
+//! Each waiting process also counts in the guest's load average, since its
+//! launcher waits in an uninterruptible (though killable) sleep.
 
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::child::{self, ChildFds};
@@ -23,86 +32,166 @@ use super::report::errno;
 use super::Plan;
 
 /// The process's stack until its `execve`; it makes a handful of system
-/// calls.
+/// calls. A guard page below it turns an overflow into a fault.
 const STACK_SIZE: usize = 64 * 1024;
-/// The launching thread only waits in `clone`.
+const GUARD_SIZE: usize = 4096;
+/// A launcher only waits in `clone` and on its channel.
 const THREAD_STACK_SIZE: usize = 64 * 1024;
 
-/// What the process reads, kept at one address by the launching thread.
+/// What the process reads, kept at one address by its launcher.
 struct Shared {
     plan: Arc<Plan>,
     fds: ChildFds,
 }
 
+/// A process to create, and where its pid goes: the kernel writes it there
+/// (CLONE_PARENT_SETTID) before the process first runs; a launch that
+/// failed stores minus the errno.
+type Job = (Shared, Arc<AtomicI32>);
+
+/// Launchers waiting for a process to create.
+static IDLE: Mutex<Vec<Sender<Job>>> = Mutex::new(Vec::new());
+
 /// Creates the process; its pid.
 pub fn launch(plan: Arc<Plan>, fds: ChildFds) -> Result<i32, String> {
-    // The kernel writes the pid here (CLONE_PARENT_SETTID) before the
-    // process first runs; a launch that failed stores minus the errno.
     let slot = Arc::new(AtomicI32::new(0));
-    let thread = {
-        let slot = Arc::clone(&slot);
-        std::thread::Builder::new()
-            .name("launch".into())
-            .stack_size(THREAD_STACK_SIZE)
-            .spawn(move || {
-                let shared = Shared { plan, fds };
-                if let Err(errno) = clone_process(&shared, &slot) {
-                    slot.store(-errno, Ordering::Release);
-                }
-            })
-            .map_err(|e| format!("starting a thread to launch the process: {e}"))?
+    let idle = IDLE.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    let launcher = match idle {
+        Some(launcher) => launcher,
+        None => start_launcher()?,
     };
+    launcher
+        .send((Shared { plan, fds }, Arc::clone(&slot)))
+        .map_err(|_| "internal error: a launcher thread is gone".to_string())?;
     loop {
         let pid = slot.load(Ordering::Acquire);
         if pid > 0 {
             return Ok(pid);
         }
         if pid < 0 {
-            let _ = thread.join();
             return Err(format!("clone: {}", nix::errno::Errno::from_raw(-pid).desc()));
-        }
-        if thread.is_finished() && slot.load(Ordering::Acquire) == 0 {
-            return Err("internal error: the launching thread ended without a process".into());
         }
         std::thread::sleep(Duration::from_micros(50));
     }
 }
 
-/// Runs on the launching thread: returns once the process has executed
-/// or exited, or at once with the errno if it could not be created.
-fn clone_process(shared: &Shared, slot: &AtomicI32) -> Result<(), i32> {
-    let mut stack = vec![0u8; STACK_SIZE];
-    // SAFETY: one past the end of the buffer, which the process's stack
-    // grows down from; rounded down to the ABI's 16-byte alignment.
-    let top = unsafe { stack.as_mut_ptr().add(STACK_SIZE) };
-    let top = (top as usize & !15) as *mut libc::c_void;
-    // No handler of the agent's may run on the process's borrowed stack:
-    // it starts with every signal blocked (this thread's mask), and
-    // unblocks them after it has reset their dispositions.
-    // SAFETY: sigset_t is plain data, initialised by sigfillset.
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid sigset; this thread does nothing but wait in clone.
+fn start_launcher() -> Result<Sender<Job>, String> {
+    let stack = Stack::new().map_err(|e| format!("mapping a stack for a process: {e}"))?;
+    let (tx, jobs) = channel::<Job>();
+    // Its own sender keeps the channel, and so the thread, alive for good.
+    let me = tx.clone();
+    std::thread::Builder::new()
+        .name("launch".into())
+        .stack_size(THREAD_STACK_SIZE)
+        .spawn(move || {
+            block_signals();
+            for (shared, slot) in jobs {
+                if let Err(errno) = clone_process(&stack, &shared, &slot) {
+                    slot.store(-errno, Ordering::Release);
+                }
+                drop(shared);
+                // A process that took another uid made the memory it
+                // shared, the agent's, undumpable: /proc/1 would turn
+                // root-only and the agent lose its core dumps.
+                // SAFETY: prctl with integer arguments only.
+                unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+                IDLE.lock().unwrap_or_else(|e| e.into_inner()).push(me.clone());
+            }
+        })
+        .map_err(|e| format!("starting a thread to launch processes: {e}"))?;
+    Ok(tx)
+}
+
+/// A launcher's signal mask, which its processes start with: no handler
+/// of the agent's may run on their borrowed memory until they have reset
+/// every disposition. Raw, since glibc would leave its own two signals
+/// open.
+fn block_signals() {
+    let all: u64 = !0;
+    // SAFETY: rt_sigprocmask reads a signal set of the kernel's size and
+    // changes only this thread's mask.
     unsafe {
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &raw const all,
+            std::ptr::null_mut::<u64>(),
+            std::mem::size_of::<u64>(),
+        )
+    };
+}
+
+/// A process's stack: an anonymous mapping with an inaccessible page at
+/// its low end.
+struct Stack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by one launcher thread, moved to it once.
+unsafe impl Send for Stack {}
+
+impl Stack {
+    fn new() -> std::io::Result<Stack> {
+        let len = GUARD_SIZE + STACK_SIZE;
+        // SAFETY: a fresh private anonymous mapping; nothing else uses it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stack = Stack { base, len };
+        // SAFETY: the first page of the mapping made above.
+        if unsafe { libc::mprotect(base, GUARD_SIZE, libc::PROT_NONE) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stack)
     }
+
+    /// Where the stack starts: its high end, 16-byte aligned.
+    fn top(&self) -> *mut libc::c_void {
+        self.base.wrapping_byte_add(self.len)
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// Runs on a launcher: returns once the process has executed or exited,
+/// or at once with the errno if it could not be created.
+fn clone_process(stack: &Stack, shared: &Shared, slot: &AtomicI32) -> Result<(), i32> {
     let arg = shared as *const Shared as *mut libc::c_void;
     // SAFETY: `entry` runs on `stack` and reads `shared`, both of which
     // outlive its use of them: with CLONE_VFORK this call returns only
-    // after the process has executed or exited. The kernel writes the pid
-    // to `slot`, an i32 that lives as long as the Arc holding it.
+    // after the process has executed or exited, and only then is either
+    // used again. The kernel writes the pid to `slot`, an i32 that lives as
+    // long as the Arc holding it.
     let pid = unsafe {
         libc::clone(
             entry,
-            top,
+            stack.top(),
             libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT_SETTID | libc::SIGCHLD,
             arg,
             slot.as_ptr(),
         )
     };
-    let result = if pid < 0 { Err(errno()) } else { Ok(()) };
-    drop(stack);
-    result
+    if pid < 0 {
+        Err(errno())
+    } else {
+        Ok(())
+    }
 }
 
 extern "C" fn entry(arg: *mut libc::c_void) -> libc::c_int {

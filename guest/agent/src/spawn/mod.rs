@@ -297,16 +297,11 @@ pub fn spawn(p: &Prepared) -> Result<Spawned, SpawnError> {
     drop(report_w);
     drop(ready_w);
     let mut failure = Failure(report_r);
-    // One byte once its stdio is in place and the agent's other
-    // descriptors are closed; end-of-file if it failed on the way, so
-    // that is a failure to create, not an exit after `Start`.
-    let mut byte = [0u8; 1];
-    let mut ready = ready_r;
-    if !matches!(ready.read(&mut byte), Ok(1)) {
+    if let Err(message) = await_ready(ready_r, pid) {
         let message = failure
             .take()
             .map(|(stage, errno)| p.describe_failure(stage, errno))
-            .unwrap_or_else(|| "the process ended while it was being set up".to_string());
+            .unwrap_or(message);
         return Err(SpawnError::new(message));
     }
     Ok(Spawned {
@@ -316,4 +311,43 @@ pub fn spawn(p: &Prepared) -> Result<Spawned, SpawnError> {
         failure,
         stdio,
     })
+}
+
+/// How long a new process may take to set itself up (stdio, descriptors):
+/// a few system calls, though a stopped one (SIGSTOP cannot be blocked)
+/// would hold up the agent's control loop for good.
+const SETUP_TIMEOUT_MS: libc::c_int = 10_000;
+
+/// Waits for the byte the process writes once its stdio is in place and
+/// the agent's other descriptors are closed. End-of-file means it failed
+/// on the way, which is then a failure to create, not an exit after
+/// `Start`; one that takes too long is killed.
+fn await_ready(mut ready: File, pid: i32) -> Result<(), String> {
+    loop {
+        let mut fd = libc::pollfd {
+            fd: ready.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut fd, 1, SETUP_TIMEOUT_MS) };
+        if n < 0 && Errno::last() == Errno::EINTR {
+            continue;
+        }
+        if n == 0 {
+            // SAFETY: kill has no memory effects. The pid is the agent's
+            // child, which silent for this long has not been reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            return Err(format!(
+                "the process was not set up within {} s",
+                SETUP_TIMEOUT_MS / 1000
+            ));
+        }
+        let mut byte = [0u8; 1];
+        return match ready.read(&mut byte) {
+            Ok(1) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            _ => Err("the process ended while it was being set up".to_string()),
+        };
+    }
 }
