@@ -76,6 +76,15 @@ pub fn launch(plan: Arc<Plan>, fds: ChildFds) -> Result<i32, String> {
 }
 
 fn start_launcher() -> Result<Sender<Job>, String> {
+    // A waiting process that has taken the spec's uid still runs on the
+    // agent's memory: were it dumpable, any process of that uid could
+    // ptrace it and so write into the agent. The kernel makes it so at the
+    // first change of ids anyway; this closes the window before it, for
+    // good (the agent is root and needs no ptrace access to itself).
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } < 0 {
+        return Err(format!("PR_SET_DUMPABLE: {}", std::io::Error::last_os_error()));
+    }
     let stack = Stack::new().map_err(|e| format!("mapping a stack for a process: {e}"))?;
     let (tx, jobs) = channel::<Job>();
     // Its own sender keeps the channel, and so the thread, alive for good.
@@ -90,11 +99,6 @@ fn start_launcher() -> Result<Sender<Job>, String> {
                     slot.store(-errno, Ordering::Release);
                 }
                 drop(shared);
-                // A process that took another uid made the memory it
-                // shared, the agent's, undumpable: /proc/1 would turn
-                // root-only and the agent lose its core dumps.
-                // SAFETY: prctl with integer arguments only.
-                unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
                 IDLE.lock().unwrap_or_else(|e| e.into_inner()).push(me.clone());
             }
         })
