@@ -189,8 +189,7 @@ fn retry_on_host_defect(f: &Fixture, attempt: impl Fn(&Fixture)) {
             std::panic::resume_unwind(panic);
         }
         let shown = if stuck_in_boot {
-            let lines: Vec<&str> = console.lines().collect();
-            lines[lines.len().saturating_sub(5)..].join("\n")
+            common::tail(&console, 5)
         } else {
             defect_lines(&console)
         };

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::artifact;
 use common::containerd::{describe, Containerd, Runtime, BUSYBOX_IMAGE};
-use common::oci::{defect_lines, DEFECT_ATTEMPTS};
+use common::oci::{defect_in_consoles, DEFECT_ATTEMPTS};
 use common::podman::{Podman, BUSYBOX_IMPORTED};
 
 /// The runtime every test here hands to the engines.
@@ -87,22 +87,11 @@ fn retry_on_host_defect(runtime: &Runtime, attempt: impl Fn()) {
     for tried in 1.. {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&attempt));
         let Err(panic) = outcome else { return };
-        let defect: Vec<String> = consoles
-            .iter()
-            .flat_map(std::fs::read_dir)
-            .flatten()
-            .flatten()
-            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-            .map(|text| defect_lines(&text))
-            .filter(|lines| !lines.is_empty())
-            .collect();
-        if tried == DEFECT_ATTEMPTS || defect.is_empty() {
-            std::panic::resume_unwind(panic);
-        }
-        eprintln!(
-            "the host's exec defect killed a guest process; running the attempt again. The console:\n{}",
-            defect.join("\n")
-        );
+        let defect = consoles.as_deref().and_then(defect_in_consoles);
+        let Some(defect) = defect.filter(|_| tried < DEFECT_ATTEMPTS) else {
+            std::panic::resume_unwind(panic)
+        };
+        eprintln!("the host's exec defect killed a guest process; running the attempt again. The console:\n{defect}");
         if let Some(dir) = &consoles {
             let _ = std::fs::remove_dir_all(dir);
             let _ = std::fs::create_dir(dir);

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::artifact;
 use common::containerd::output_within;
+use common::{artifact, tail};
 use serde_json::{json, Value};
 
 /// Far above a boot's ~40 s here; it only turns a hang into a failure.
@@ -51,11 +51,6 @@ fn ok(out: &Output, what: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn list(dir: &Path) -> Vec<Value> {

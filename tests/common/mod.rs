@@ -105,6 +105,12 @@ pub fn code_vm(code: Vec<u8>, console: &Console) -> VmConfig {
 /// set, otherwise one directory for every test of every run (templates are
 /// keyed by everything they are made of, this build included), so the
 /// suite boots the kernel once per VM size instead of once per container.
+/// The last `lines` lines of `text`, for a failure message.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 pub fn template_dir() -> std::path::PathBuf {
     std::env::var_os("SKIFF_TEMPLATE_DIR")
         .map(Into::into)

@@ -38,6 +38,19 @@ pub fn defect_lines(console: &str) -> String {
         .join("\n")
 }
 
+/// What the consoles in `dir` show of the host defect, if anything.
+pub fn defect_in_consoles(dir: &Path) -> Option<String> {
+    let lines: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .map(|text| defect_lines(&text))
+        .filter(|lines| !lines.is_empty())
+        .collect();
+    (!lines.is_empty()).then(|| lines.join("\n"))
+}
+
 pub struct Oci {
     dir: tempfile::TempDir,
     pub root: PathBuf,
@@ -184,15 +197,7 @@ impl Oci {
 
     /// What the guest consoles show of the host's exec defect, if anything.
     pub fn host_defect(&self) -> Option<String> {
-        let lines: Vec<String> = std::fs::read_dir(self.path("consoles"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-            .map(|text| defect_lines(&text))
-            .filter(|lines| !lines.is_empty())
-            .collect();
-        (!lines.is_empty()).then(|| lines.join("\n"))
+        defect_in_consoles(&self.path("consoles"))
     }
 
     /// Nothing of any container is left: no state, no VMM process.

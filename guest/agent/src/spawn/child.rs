@@ -78,14 +78,16 @@ fn reset_dispositions() {
     }
 }
 
-fn unblock_signals() {
-    let none: u64 = 0;
-    // SAFETY: rt_sigprocmask reads a signal set of the kernel's size.
+/// Sets the calling thread's signal mask, raw: glibc's wrappers leave its
+/// own two signals out of any change.
+pub fn set_signal_mask(mask: u64) {
+    // SAFETY: rt_sigprocmask reads a signal set of the kernel's size and
+    // changes only this thread's mask.
     unsafe {
         libc::syscall(
             libc::SYS_rt_sigprocmask,
             libc::SIG_SETMASK,
-            &raw const none,
+            &raw const mask,
             std::ptr::null_mut::<u64>(),
             SIGSET_SIZE,
         )
@@ -163,7 +165,7 @@ pub unsafe fn run(p: &Plan, fds: &ChildFds) -> ! {
         libc::close(fds.ready);
     }
     // From here a `Signal` before `Start` works as on any process.
-    unblock_signals();
+    set_signal_mask(0);
     // SAFETY: system calls on values prepared by the agent.
     unsafe {
         let mut byte = 0u8;

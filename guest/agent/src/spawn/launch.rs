@@ -93,7 +93,10 @@ fn start_launcher() -> Result<Sender<Job>, String> {
         .name("launch".into())
         .stack_size(THREAD_STACK_SIZE)
         .spawn(move || {
-            block_signals();
+            // Every signal blocked, which its processes start with: no
+            // handler of the agent's may run on their borrowed memory
+            // until they have reset every disposition.
+            child::set_signal_mask(!0);
             for (shared, slot) in jobs {
                 if let Err(errno) = clone_process(&stack, &shared, &slot) {
                     slot.store(-errno, Ordering::Release);
@@ -104,25 +107,6 @@ fn start_launcher() -> Result<Sender<Job>, String> {
         })
         .map_err(|e| format!("starting a thread to launch processes: {e}"))?;
     Ok(tx)
-}
-
-/// A launcher's signal mask, which its processes start with: no handler
-/// of the agent's may run on their borrowed memory until they have reset
-/// every disposition. Raw, since glibc would leave its own two signals
-/// open.
-fn block_signals() {
-    let all: u64 = !0;
-    // SAFETY: rt_sigprocmask reads a signal set of the kernel's size and
-    // changes only this thread's mask.
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &raw const all,
-            std::ptr::null_mut::<u64>(),
-            std::mem::size_of::<u64>(),
-        )
-    };
 }
 
 /// A process's stack: an anonymous mapping with an inaccessible page at

@@ -73,7 +73,6 @@ pub enum Stdio {
 /// Everything the process needs, built in the agent. Shared with the
 /// process until it executes (it reads this memory, not a copy), so it is
 /// never changed after it is built.
-#[derive(Clone)]
 pub struct Prepared(Arc<Plan>);
 
 struct Plan {
